@@ -1,0 +1,117 @@
+"""Backend names, availability and the default choice.
+
+A backend is one implementation family: ``"torch"`` (the pure-PyTorch reference, any device),
+``"triton"`` (Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``),
+``"cuda"`` and ``"cpu"`` (compiled kernels from ``bus_kernels._C``). ``"auto"`` picks, per op and
+per call, the fastest available one that implements the op for the tensors' device.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Iterable, Optional
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("torch", "triton", "cuda", "cpu")
+_CHOICES = BACKENDS + ("auto",)
+# Preference of "auto" per device type; the first available one that implements the op wins.
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+
+_default: Optional[str] = None  # set_backend(); None defers to $BUS_KERNELS_BACKEND, then "auto"
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _why_unavailable(name: str) -> Optional[str]:
+    """None if the backend can run on this machine, else the reason it cannot."""
+    if name == "torch":
+        return None
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        if not (torch.cuda.is_available() or _interpret()):
+            return "no CUDA GPU is visible (set TRITON_INTERPRET=1 to run Triton kernels on CPU)"
+        return None
+    if name == "cpu":
+        return None if _ext.compiled() else f"the extension is not built ({_ext.load_error()})"
+    if name == "cuda":
+        if not _ext.compiled():
+            return f"the extension is not built ({_ext.load_error()})"
+        if not _ext.cuda_compiled():
+            return "the extension was built without CUDA kernels"
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is visible"
+        return None
+    raise ValueError(f"unknown backend {name!r}; expected one of {_CHOICES}")
+
+
+def available_backends() -> list[str]:
+    """Backends that can run on this machine, e.g. ``['torch', 'cpu']`` on a CPU-only install."""
+    return [b for b in BACKENDS if _why_unavailable(b) is None]
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Set the default backend of every op (``None`` restores ``$BUS_KERNELS_BACKEND``/``"auto"``).
+
+    Raises ``ValueError`` for an unknown name and ``RuntimeError`` for a backend that cannot run here.
+    """
+    global _default
+    if name is not None:
+        _check_name(name, "set_backend")
+        if name != "auto" and (why := _why_unavailable(name)) is not None:
+            raise RuntimeError(f"set_backend: backend {name!r} is not available: {why}")
+    _default = name
+
+
+def get_backend() -> str:
+    """The default backend: ``set_backend``'s, else ``$BUS_KERNELS_BACKEND``, else ``"auto"``."""
+    if _default is not None:
+        return _default
+    return os.environ.get("BUS_KERNELS_BACKEND", "auto") or "auto"
+
+
+def _check_name(name: object, op: str) -> None:
+    if not isinstance(name, str) or name not in _CHOICES:
+        raise ValueError(f"{op}: backend={name!r} must be one of {_CHOICES}")
+
+
+def resolve(op: str, requested: Optional[str], device: torch.device, implemented: Iterable[str]) -> str:
+    """The concrete backend to run ``op`` with on ``device``.
+
+    ``implemented``: the backends that have a kernel for this op. Raises ``RuntimeError`` saying why
+    when an explicitly requested backend cannot run these tensors.
+    """
+    name = get_backend() if requested is None else requested
+    _check_name(name, op)
+    implemented = tuple(implemented)
+    if name == "auto":
+        for cand in _AUTO_ORDER.get(device.type, ("torch",)):
+            if cand in implemented and _why_unavailable(cand) is None and _runs_on(cand, device):
+                return cand
+        return "torch"
+    if name not in implemented:
+        raise RuntimeError(
+            f"{op}: backend {name!r} has no kernel for this op yet (implemented: {', '.join(implemented)})"
+        )
+    why = _why_unavailable(name)
+    if why is not None:
+        raise RuntimeError(f"{op}: backend {name!r} is not available: {why}")
+    if not _runs_on(name, device):
+        raise RuntimeError(f"{op}: backend {name!r} cannot run on {device.type} tensors")
+    return name
+
+
+def _runs_on(name: str, device: torch.device) -> bool:
+    if name == "torch":
+        return True
+    if name == "cpu":
+        return device.type == "cpu"
+    if name == "cuda":
+        return device.type == "cuda"
+    # triton: real GPUs, or CPU tensors through the interpreter (tests only).
+    return device.type == "cuda" or (device.type == "cpu" and _interpret())
