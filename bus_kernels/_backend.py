@@ -80,18 +80,31 @@ def _check_name(name: object, op: str) -> None:
         raise ValueError(f"{op}: backend={name!r} must be one of {_CHOICES}")
 
 
-def resolve(op: str, requested: Optional[str], device: torch.device, implemented: Iterable[str]) -> str:
-    """The concrete backend to run ``op`` with on ``device``.
+def resolve(
+    op: str,
+    requested: Optional[str],
+    device: torch.device,
+    implemented: Iterable[str],
+    dtype: Optional[torch.dtype] = None,
+) -> str:
+    """The concrete backend to run ``op`` with on ``device`` for inputs of ``dtype``.
 
-    ``implemented``: the backends that have a kernel for this op. Raises ``RuntimeError`` saying why
+    ``implemented``: the backends that have a kernel for this op. The fused backends take
+    fp32/fp16/bf16; float64 (gradcheck) runs on ``"torch"``. Raises ``RuntimeError`` saying why
     when an explicitly requested backend cannot run these tensors.
     """
     name = get_backend() if requested is None else requested
     _check_name(name, op)
     implemented = tuple(implemented)
+    fused_ok = dtype != torch.float64
     if name == "auto":
         for cand in _AUTO_ORDER.get(device.type, ("torch",)):
-            if cand in implemented and _why_unavailable(cand) is None and _runs_on(cand, device):
+            if (
+                cand in implemented
+                and (cand == "torch" or fused_ok)
+                and _why_unavailable(cand) is None
+                and _runs_on(cand, device)
+            ):
                 return cand
         return "torch"
     if name not in implemented:
@@ -103,6 +116,8 @@ def resolve(op: str, requested: Optional[str], device: torch.device, implemented
         raise RuntimeError(f"{op}: backend {name!r} is not available: {why}")
     if not _runs_on(name, device):
         raise RuntimeError(f"{op}: backend {name!r} cannot run on {device.type} tensors")
+    if name != "torch" and not fused_ok:
+        raise RuntimeError(f"{op}: backend {name!r} takes fp32/fp16/bf16 inputs; float64 runs on 'torch'")
     return name
 
 

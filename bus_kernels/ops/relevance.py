@@ -106,5 +106,5 @@ def relevance_scores(
             raise ValueError(f"{op}: q_mask must be [B={B}, T={T}], got {tuple(q_mask.shape)}")
     if scale is None:
         scale = d**-0.5
-    name = _backend.resolve(op, backend, q.device, IMPLEMENTED)
+    name = _backend.resolve(op, backend, q.device, IMPLEMENTED, q.dtype)
     return _relevance_op(q, k, float(scale), q_mask, name)[0]

@@ -145,6 +145,6 @@ def select_tokens(
     fuse_mode = check_fuse(op, fuse)
     if order not in ("index", "score"):
         raise ValueError(f"{op}: order={order!r} must be 'index' or 'score'")
-    name = _backend.resolve(op, backend, x.device, IMPLEMENTED)
+    name = _backend.resolve(op, backend, x.device, IMPLEMENTED, torch.promote_types(x.dtype, scores.dtype))
     tokens, indices = _select_op(x, scores, k, num_prefix, fuse_mode, order, name)
     return Selection(tokens, indices)

@@ -145,7 +145,7 @@ def select_tokens_varlen(
     op = "select_tokens_varlen"
     n = check_select_inputs(op, x, scores, num_prefix)
     fuse_mode = check_fuse(op, fuse)
-    name = _backend.resolve(op, backend, x.device, IMPLEMENTED)
+    name = _backend.resolve(op, backend, x.device, IMPLEMENTED, torch.promote_types(x.dtype, scores.dtype))
     B = x.shape[0]
     if (keep is None) == (mass is None):
         raise ValueError(f"{op}: pass exactly one of keep= (int64 [B]) and mass= (float in (0, 1])")

@@ -143,5 +143,5 @@ def varlen_attention(
         raise TypeError(f"{op}: causal must be a bool, got {type(causal).__name__}")
     if scale is None:
         scale = d**-0.5
-    name = _backend.resolve(op, backend, q.device, IMPLEMENTED)
+    name = _backend.resolve(op, backend, q.device, IMPLEMENTED, q.dtype)
     return _attn_op(q, k, v, cu_seqlens, max_seqlen, float(scale), causal, key_bias, name)[0]

@@ -1,0 +1,64 @@
+"""Shared test configuration: one tolerance table, one backend list, seeded random inputs.
+
+Without a GPU, Triton kernels run through the Triton interpreter on CPU tensors
+(TRITON_INTERPRET=1 must be set before triton is imported, hence here).
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import settings  # noqa: E402
+
+import bus_kernels  # noqa: E402
+from bus_kernels import _backend  # noqa: E402
+
+settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True)
+settings.register_profile("dev", deadline=None, max_examples=100)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# One table for the whole suite (FlagGems-style): outputs of any backend vs the reference.
+# fp16/bf16 outputs round once to their dtype from an fp32 accumulation; fp32 allows for a
+# different summation order; fp64 is the gradcheck dtype.
+TOL = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=1e-5, rtol=1.3e-5),
+    torch.float16: dict(atol=1e-3, rtol=1e-3),
+    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+}
+
+ALL_BACKENDS = _backend.BACKENDS
+
+
+def device_for(backend: str) -> torch.device:
+    """The device a backend's tests run on here: CUDA if present, else CPU (interpreter for triton)."""
+    if backend == "cpu":
+        return torch.device("cpu")
+    if backend == "cuda":
+        return torch.device("cuda")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def require_backend(backend: str, implemented=None) -> torch.device:
+    """Skip (with the reason) when ``backend`` cannot run here or has no kernel for the op."""
+    why = _backend._why_unavailable(backend)
+    if why is not None:
+        pytest.skip(f"backend {backend!r} unavailable: {why}")
+    if implemented is not None and backend not in implemented:
+        pytest.skip(f"backend {backend!r} has no kernel for this op yet")
+    return device_for(backend)
+
+
+@pytest.fixture(autouse=True)
+def _reset_default_backend():
+    yield
+    bus_kernels.set_backend(None)
+
+
+@pytest.fixture
+def gen():
+    """A seeded generator: fresh random inputs per test, reproducible per run."""
+    return torch.Generator().manual_seed(1234)
