@@ -20,6 +20,7 @@ _CHOICES = BACKENDS + ("auto",)
 # Preference of "auto" per device type; the first available one that implements the op wins.
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 _default: Optional[str] = None  # set_backend(); None defers to $BUS_KERNELS_BACKEND, then "auto"
 
 
@@ -32,7 +33,7 @@ def _why_unavailable(name: str) -> Optional[str]:
     if name == "torch":
         return None
     if name == "triton":
-        if importlib.util.find_spec("triton") is None:
+        if not _HAS_TRITON:
             return "triton is not installed"
         if not (torch.cuda.is_available() or _interpret()):
             return "no CUDA GPU is visible (set TRITON_INTERPRET=1 to run Triton kernels on CPU)"

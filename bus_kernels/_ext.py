@@ -30,14 +30,19 @@ except ImportError as exc:  # not built, or built against another torch
     )
 
 
+# Read once: these never change after import, and plain bools keep torch.compile tracing simple.
+_COMPILED = _error is None and torch._C._dispatch_has_kernel_for_dispatch_key(_PROBE_OP, "CPU")
+_CUDA_COMPILED = _error is None and torch._C._dispatch_has_kernel_for_dispatch_key(_PROBE_OP, "CUDA")
+
+
 def compiled() -> bool:
     """True when ``bus_kernels._C`` loaded and registered its CPU kernels."""
-    return _error is None and torch._C._dispatch_has_kernel_for_dispatch_key(_PROBE_OP, "CPU")
+    return _COMPILED
 
 
 def cuda_compiled() -> bool:
     """True when the extension was built with its CUDA kernels (whether or not a GPU is present)."""
-    return _error is None and torch._C._dispatch_has_kernel_for_dispatch_key(_PROBE_OP, "CUDA")
+    return _CUDA_COMPILED
 
 
 def load_error() -> Optional[str]:

@@ -40,8 +40,10 @@ def _probs(q, k, cu_seqlens, scale, causal, key_bias, L):
     return p / torch.where(denom > 0, denom, 1), lse
 
 
-def _longest(cu_seqlens: Tensor) -> int:
-    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+def _padded_len(cu_seqlens: Tensor) -> int:
+    """The longest sequence, at least 1 so that reductions over keys never see an empty dim."""
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+    return max(longest, 1)
 
 
 def varlen_attention(
@@ -54,7 +56,7 @@ def varlen_attention(
     key_bias: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:
     """q, k, v [total, H, d] -> (out [total, H, d] in q.dtype, lse float32 [total, H])."""
-    L = _longest(cu_seqlens)
+    L = _padded_len(cu_seqlens)
     p, lse = _probs(q, k, cu_seqlens, scale, causal, key_bias, L)
     vp = unpack(v, cu_seqlens, L).to(p.dtype)
     out = torch.einsum("bhij,bjhd->bihd", p, vp)
@@ -78,7 +80,7 @@ def varlen_attention_backward(
     dv = P^T dO;  dP = dO V^T;  dS = P * (dP - rowsum(P * dP));  dq = scale dS K;  dk = scale dS^T Q;
     d key_bias[j, h] = sum_i dS[h, i, j]  (summed over heads for a per-key bias).
     """
-    L = _longest(cu_seqlens)
+    L = _padded_len(cu_seqlens)
     p, _ = _probs(q, k, cu_seqlens, scale, causal, key_bias, L)
     acc = p.dtype
     do = unpack(grad_out, cu_seqlens, L).to(acc)
