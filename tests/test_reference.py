@@ -298,3 +298,35 @@ def test_reference_functions_are_pure(gen):
     tok, _ = reference.select_tokens(x, s, 4, 1, "none", "index")
     assert tok.data_ptr() != x.data_ptr()
     assert math.isclose(float(reference.relevance_scores(rand(gen, 1, 1, 1, 8), rand(gen, 1, 1, 3, 8), 1.0, None)[0].sum()), 1.0, rel_tol=1e-6)
+
+
+@given(
+    keep=st.lists(st.integers(0, 12), min_size=1, max_size=4),
+    P=st.integers(0, 2),
+    fuse=st.sampled_from(["sum", "mean", None]),
+    seed=st.integers(0, 2**16),
+)
+def test_varlen_property(keep, P, fuse, seed):
+    gen = torch.Generator().manual_seed(seed)
+    B, n = len(keep), 12
+    x, s = rand(gen, B, n + P, 4), torch.randint(0, 4, (B, n), generator=gen).float()
+    keep_t = torch.tensor(keep)
+    out = bk.select_tokens_varlen(x, s, keep=keep_t, num_prefix=P, fuse=fuse)
+    ntok, ncu, nidx = naive.select_varlen(x, s, keep_t, P, fuse)
+    assert torch.equal(out.cu_seqlens, ncu) and torch.equal(out.indices, nidx)
+    torch.testing.assert_close(out.tokens.double(), ntok, **TOL[torch.float32])
+
+
+@given(
+    lengths=st.lists(st.integers(0, 6), min_size=1, max_size=4),
+    causal=st.booleans(),
+    H=st.integers(1, 2),
+    seed=st.integers(0, 2**16),
+)
+def test_attention_property(lengths, causal, H, seed):
+    gen = torch.Generator().manual_seed(seed)
+    cu = random_cu(gen, lengths)
+    total = int(cu[-1])
+    q, k, v = (rand(gen, total, H, 8) for _ in range(3))
+    out = bk.varlen_attention(q, k, v, cu, max(lengths), causal=causal)
+    torch.testing.assert_close(out.double(), naive.attention(q, k, v, cu, 8**-0.5, causal, None), **TOL[torch.float32])
