@@ -9,14 +9,22 @@ from torch import Tensor
 from .. import _backend, reference
 from ._common import ANY_FLOAT, check_tensor
 
-IMPLEMENTED = ("torch",)
+IMPLEMENTED = ("torch", "triton")
 
 
 def _forward_impl(q, k, scale, q_mask, backend):
+    if backend == "triton":
+        from ..triton.relevance import relevance_scores_forward
+
+        return relevance_scores_forward(q, k, scale, q_mask)
     return reference.relevance_scores(q, k, scale, q_mask)
 
 
 def _backward_impl(grad, q, k, lse, scale, q_mask, backend):
+    if backend == "triton":
+        from ..triton.relevance import relevance_scores_backward
+
+        return relevance_scores_backward(grad, q, k, lse, scale, q_mask)
     return reference.relevance_scores_backward(grad, q, k, scale, q_mask)
 
 
