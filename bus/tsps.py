@@ -1,0 +1,265 @@
+"""The Text-Semantics-Aware Patch Selector (TSPS) and the block forward that runs a ViT block
+on pruned (and possibly packed, variable-length) token sets.
+
+The block forward reuses the host block's own modules (``norm1``, ``attn.qkv``, ``q_norm``,
+``k_norm``, ``attn.norm``, ``proj``, ``ls1/ls2``, ``drop_path``, ``mlp``, the ``fused_attn``
+flag); it only adds what pruning needs around them:
+
+- after the attention of a block that carries a TSPS, the patches are scored against the text
+  (the text through the block's own query projection) or the image [CLS] and pruned with
+  :func:`bus_kernels.select_tokens` (fixed ratio) or :func:`bus_kernels.select_tokens_varlen`
+  (``mass``: per-sample counts, packed tokens from then on);
+- every token carries a size (number of patches it stands for); attention after the first
+  selection is proportional (``key_bias = log(size)``, as ToMe), so a fused token weighs as much
+  as the patches it replaced, and an empty fused token (nothing dropped) is never attended;
+- packed blocks use :func:`bus_kernels.varlen_attention`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import bus_kernels as bk
+
+
+@dataclass
+class PruneState:
+    """Per-forward state shared by the patched blocks of one model call.
+
+    Tokens are either padded-free fixed ``[B, N', D]`` or packed ``[total, D]`` (``cu_seqlens`` set).
+    ``sizes``: float32, patches per token (``None`` until the first selection: all 1).
+    ``patch_ids``: int64, the original patch index of each token (-1 for prefix and fused tokens).
+    ``records``: one dict per TSPS layer (scores, patch ids, PTM logits) for losses and pictures.
+    """
+
+    batch: int
+    num_prefix: int
+    text: Optional[Tensor] = None
+    text_mask: Optional[Tensor] = None
+    sizes: Optional[Tensor] = None
+    patch_ids: Optional[Tensor] = None
+    cu_seqlens: Optional[Tensor] = None
+    max_seqlen: int = 0
+    lengths: Optional[Tensor] = None  # final per-sample lengths after unpacking
+    records: list = field(default_factory=list)
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seqlens is not None
+
+
+def _pad_packed(t: Tensor, state: PruneState, fill: float = 0.0) -> Tensor:
+    """Packed [total, ...] -> padded [B, max_seqlen, ...] filled with ``fill``."""
+    if fill == 0.0:
+        return bk.unpack(t, state.cu_seqlens, state.max_seqlen)
+    return bk.unpack(t - fill, state.cu_seqlens, state.max_seqlen) + fill
+
+
+def _valid_mask(state: PruneState) -> Tensor:
+    """bool [B, max_seqlen]: True for real (non-padding) rows of the padded layout."""
+    lengths = (state.cu_seqlens[1:] - state.cu_seqlens[:-1]).long()
+    return torch.arange(state.max_seqlen, device=lengths.device)[None, :] < lengths[:, None]
+
+
+class TSPS(nn.Module):
+    """Text-Semantics-Aware Patch Selector, attached to a ViT block by :func:`bus.patch_timm`.
+
+    Args:
+        dim: token width D (for the PTM head).
+        keep: fraction (float in (0, 1]) or count (int) of the rankable tokens kept.
+        mass: if set, per-sample counts: each sample keeps its smallest top set holding this share
+            of the relevance (``select_tokens_varlen``); later blocks run on packed tokens.
+        min_keep: lower bound of the per-sample count in ``mass`` mode.
+        fuse: ``"sum"``, ``"mean"`` or ``None``: how dropped tokens are fused into one.
+        guidance: ``"text"``, ``"cls"`` or ``"auto"`` (text when given, else the image [CLS]).
+        ptm_head: add a linear head giving per-patch logits for the Patch-Text Matching loss.
+    """
+
+    def __init__(self, dim: int, *, keep=0.7, mass: Optional[float] = None, min_keep: int = 1,
+                 fuse: Optional[str] = "sum", guidance: str = "auto", ptm_head: bool = False):
+        super().__init__()
+        if guidance not in ("text", "cls", "auto"):
+            raise ValueError(f"TSPS: guidance={guidance!r} must be 'text', 'cls' or 'auto'")
+        if mass is None and not (isinstance(keep, int) and keep >= 1 or isinstance(keep, float) and 0 < keep <= 1):
+            raise ValueError(f"TSPS: keep={keep!r} must be a count >= 1 or a ratio in (0, 1]")
+        self.keep, self.mass, self.min_keep, self.fuse, self.guidance = keep, mass, min_keep, fuse, guidance
+        self.ptm_head = nn.Linear(dim, 1) if ptm_head else None
+
+    def extra_repr(self) -> str:
+        what = f"mass={self.mass}" if self.mass is not None else f"keep={self.keep}"
+        return f"{what}, fuse={self.fuse!r}, guidance={self.guidance!r}"
+
+    # -------------------------------------------------------------------------------- scoring
+    def _queries(self, attn: nn.Module, norm1: nn.Module, state: PruneState, q_img: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """Guidance queries [B, H, T, hd] (and their mask): the text through the block's own query
+        projection, or the image [CLS] query of this block."""
+        use_text = state.text is not None and self.guidance in ("text", "auto")
+        if self.guidance == "text" and state.text is None:
+            raise ValueError("TSPS: guidance='text' needs text=... in the model call")
+        if use_text:
+            text = state.text if state.text.dim() == 3 else state.text[:, None]
+            H, hd = attn.num_heads, attn.head_dim
+            w = attn.qkv.weight[: H * hd]
+            b = attn.qkv.bias[: H * hd] if attn.qkv.bias is not None else None
+            qt = F.linear(norm1(text), w, b).reshape(text.shape[0], text.shape[1], H, hd).transpose(1, 2)
+            mask = state.text_mask if state.text.dim() == 3 else None
+            return attn.q_norm(qt), mask
+        if state.num_prefix < 1:
+            raise ValueError("TSPS: guidance='cls' needs a class token (num_prefix_tokens >= 1)")
+        return q_img[:, :, :1], None
+
+    @staticmethod
+    def _masked_relevance(q: Tensor, k: Tensor, q_mask: Optional[Tensor], k_valid: Tensor, scale: float) -> Tensor:
+        """relevance_scores over padded keys: padding keys get no probability (packed mode)."""
+        logits = torch.einsum("bhtd,bhnd->bhtn", q.float(), k.float()) * scale
+        p = logits.masked_fill(~k_valid[:, None, None, :], float("-inf")).softmax(dim=-1)
+        w = torch.ones(q.shape[0], q.shape[2], device=q.device) if q_mask is None else q_mask.float()
+        w = w / (q.shape[1] * w.sum(dim=1, keepdim=True))
+        return torch.einsum("bhtn,bt->bn", p, w)
+
+    # ------------------------------------------------------------------------------- forward
+    def forward(self, x: Tensor, q: Tensor, k: Tensor, attn: nn.Module, norm1: nn.Module, state: PruneState) -> Tensor:
+        """Prunes ``x`` (fixed ``[B, N, D]`` or packed ``[total, D]``) given this block's q, k."""
+        P = state.num_prefix
+        if state.packed:
+            return self._forward_packed(x, q, k, attn, norm1, state)
+        B, N, D = x.shape
+        n = N - P
+        q_img = q
+        qg, q_mask = self._queries(attn, norm1, state, q_img)
+        scores = bk.relevance_scores(qg, k[:, :, P:].contiguous(), scale=attn.scale, q_mask=q_mask)
+        ids = state.patch_ids if state.patch_ids is not None else self._initial_ids(B, N, P, x.device)
+        sizes = state.sizes if state.sizes is not None else torch.ones(B, N, device=x.device)
+        self._record(x[:, P:], scores, ids[:, P:], state)
+        if self.mass is None:
+            count = self.keep if isinstance(self.keep, int) else max(1, math.ceil(round(self.keep * n, 6)))
+            if count >= n:  # nothing to drop: the block is left exactly as it was
+                return x
+            sel = bk.select_tokens(x, scores, count, num_prefix=P, fuse=self.fuse)
+            state.patch_ids, state.sizes = self._carry(ids, sizes, sel.indices, P)
+            return sel.tokens
+        sel = bk.select_tokens_varlen(x, scores, mass=self.mass, min_keep=self.min_keep, num_prefix=P, fuse=self.fuse)
+        self._to_packed(ids, sizes, sel, state)
+        return sel.tokens
+
+    def _forward_packed(self, x, q, k, attn, norm1, state):
+        P = state.num_prefix
+        valid = _valid_mask(state)
+        x_pad = _pad_packed(x, state)
+        q_pad = _pad_packed(q, state).transpose(1, 2)  # [B, H, L, hd]
+        k_pad = _pad_packed(k, state).transpose(1, 2)
+        qg, q_mask = self._queries(attn, norm1, state, q_pad)
+        scores = self._masked_relevance(qg, k_pad[:, :, P:], q_mask, valid[:, P:], attn.scale)
+        ids = _pad_packed(state.patch_ids + 1, state) - 1
+        sizes = _pad_packed(state.sizes, state)
+        self._record(x_pad[:, P:], scores, ids[:, P:], state)
+        if self.mass is None:
+            n_real = valid[:, P:].sum(dim=1)
+            if isinstance(self.keep, float):  # same rounding as bus_kernels' ratio keep
+                keep = torch.ceil(torch.round(n_real * self.keep, decimals=6)).long().clamp(min=1)
+            else:
+                keep = torch.full_like(n_real, self.keep)
+            sel = bk.select_tokens_varlen(x_pad, scores, keep=torch.minimum(keep, n_real), num_prefix=P, fuse=self.fuse)
+        else:
+            sel = bk.select_tokens_varlen(x_pad, scores, mass=self.mass, min_keep=self.min_keep, num_prefix=P, fuse=self.fuse)
+        self._to_packed(ids, sizes, sel, state)
+        return sel.tokens
+
+    # ----------------------------------------------------------------------------- bookkeeping
+    @staticmethod
+    def _initial_ids(B: int, N: int, P: int, device) -> Tensor:
+        ids = torch.arange(-P, N - P, device=device).expand(B, N).clone()
+        ids[:, :P] = -1
+        return ids
+
+    def _record(self, patches: Tensor, scores: Tensor, ids: Tensor, state: PruneState) -> None:
+        rec = {"scores": scores, "patch_ids": ids}
+        if self.ptm_head is not None:
+            rec["ptm_logits"] = self.ptm_head(patches).squeeze(-1)
+        state.records.append(rec)
+
+    def _carry(self, ids: Tensor, sizes: Tensor, indices: Tensor, P: int):
+        """Patch ids and sizes of the selected tokens (prefix, kept, fused)."""
+        kept_ids = ids.gather(1, indices)
+        kept_sizes = sizes.gather(1, indices)
+        parts_ids, parts_sizes = [ids[:, :P], kept_ids], [sizes[:, :P], kept_sizes]
+        if self.fuse is not None:
+            dropped = sizes[:, P:].sum(dim=1, keepdim=True) - kept_sizes.sum(dim=1, keepdim=True)
+            parts_ids.append(torch.full_like(ids[:, :1], -1))
+            parts_sizes.append(dropped)
+        return torch.cat(parts_ids, dim=1), torch.cat(parts_sizes, dim=1)
+
+    def _to_packed(self, ids: Tensor, sizes: Tensor, sel, state: PruneState) -> None:
+        """Packs ids and sizes in the layout of a VarlenSelection and switches the state to packed."""
+        P = state.num_prefix
+        B = ids.shape[0]
+        seq = torch.repeat_interleave(torch.arange(B, device=ids.device), sel.keep, output_size=sel.indices.numel())
+        kept_ids, kept_sizes = ids[seq, sel.indices], sizes[seq, sel.indices]
+        # Assemble [prefix, kept, fused] per sample on a padded grid, then pack like the tokens.
+        L = sel.max_seqlen
+        out_ids = torch.full((B, L), -1, dtype=ids.dtype, device=ids.device)
+        out_sizes = torch.zeros((B, L), dtype=sizes.dtype, device=ids.device)
+        out_ids[:, :P], out_sizes[:, :P] = ids[:, :P], sizes[:, :P]
+        slot = torch.arange(sel.indices.numel(), device=ids.device) - torch.repeat_interleave(
+            torch.cumsum(sel.keep, 0) - sel.keep, sel.keep, output_size=sel.indices.numel())
+        out_ids[seq, P + slot] = kept_ids
+        out_sizes[seq, P + slot] = kept_sizes
+        lengths = sel.cu_seqlens[1:] - sel.cu_seqlens[:-1]
+        if self.fuse is not None:  # the fused token stands for every dropped patch
+            kept_total = torch.zeros_like(sizes[:, 0]).index_add_(0, seq, kept_sizes)
+            out_sizes[torch.arange(B, device=ids.device), P + sel.keep] = sizes[:, P:].sum(dim=1) - kept_total
+        state.cu_seqlens, state.max_seqlen = sel.cu_seqlens, sel.max_seqlen
+        state.patch_ids = bk.pack(out_ids, lengths).packed
+        state.sizes = bk.pack(out_sizes, lengths).packed
+
+
+# ----------------------------------------------------------------------------- block forward
+def _qkv(attn: nn.Module, h: Tensor, packed: bool):
+    H, hd = attn.num_heads, attn.head_dim
+    if packed:  # [total, C] -> three [total, H, hd]
+        q, k, v = attn.qkv(h).reshape(h.shape[0], 3, H, hd).unbind(1)
+    else:  # [B, N, C] -> three [B, H, N, hd]
+        q, k, v = attn.qkv(h).reshape(h.shape[0], h.shape[1], 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def _attend(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, state: PruneState) -> Tensor:
+    """Self-attention with proportional key bias log(size); returns [B, N, H*hd] or [total, H*hd]."""
+    bias = None if state.sizes is None else torch.log(state.sizes)
+    if state.packed:
+        if attn.training and attn.attn_drop.p > 0:
+            raise NotImplementedError("bus: attention dropout is not supported on packed tokens")
+        out = bk.varlen_attention(q, k, v, state.cu_seqlens, state.max_seqlen, scale=attn.scale,
+                                  key_bias=None if bias is None else bias.to(q.dtype))
+        return out.reshape(out.shape[0], -1)
+    mask = None if bias is None else bias[:, None, None, :].to(q.dtype)
+    if attn.fused_attn:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    else:
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        if mask is not None:
+            logits = logits + mask
+        out = attn.attn_drop(logits.softmax(dim=-1)) @ v
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+def pruned_block_forward(block: nn.Module, x: Tensor, state: PruneState) -> Tensor:
+    """One pre-norm ViT block (timm ``Block`` modules) on pruned/packed tokens, with its TSPS."""
+    attn = block.attn
+    h = block.norm1(x)
+    q, k, v = _qkv(attn, h, state.packed)
+    a = _attend(attn, q, k, v, state)
+    a = attn.norm(a)
+    if getattr(attn, "gate", None) is not None:
+        a = a * attn.gate(h).sigmoid()
+    a = attn.proj_drop(attn.proj(a))
+    x = x + block.drop_path1(block.ls1(a))
+    tsps = getattr(block, "bus_tsps", None)
+    if tsps is not None:
+        x = tsps(x, q, k, attn, block.norm1, state)
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
