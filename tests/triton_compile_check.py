@@ -7,7 +7,8 @@ Each module ``bus_kernels.triton.<op>`` exposes ``compile_cases()``, yielding
 compile error or on shared memory beyond the device's limit.
 
 It must run without TRITON_INTERPRET (the interpreter replaces kernels by Python functions), so
-the test suite runs it in a subprocess: ``python tests/triton_compile_check.py MODULE [MODULE...]``.
+the test suite runs it in subprocesses, one per target so that they compile in parallel:
+``python tests/triton_compile_check.py [--cc 80] MODULE [MODULE...]``.
 """
 from __future__ import annotations
 
@@ -46,8 +47,11 @@ def check_module(name: str, ccs=(80, 90)) -> int:
 def main(argv: list[str]) -> None:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("triton_compile_check: unset TRITON_INTERPRET (compile checks need real kernels)")
+    ccs = (80, 90)
+    if argv[:1] == ["--cc"]:
+        ccs, argv = (int(argv[1]),), argv[2:]
     for name in argv:
-        print(f"{name}: {check_module(name)} compilations ok")
+        print(f"{name}: {check_module(name, ccs)} compilations ok")
 
 
 if __name__ == "__main__":

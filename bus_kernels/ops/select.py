@@ -10,7 +10,17 @@ from torch import Tensor
 from .. import _backend, reference
 from ._common import ANY_FLOAT, check_finite, check_fuse, check_int, check_tensor
 
-IMPLEMENTED = ("torch",)
+IMPLEMENTED = ("torch", "triton")
+# Longest row the Triton rank kernel holds in registers (bus_kernels.triton.select.MAX_BLOCK_N);
+# "auto" passes longer rows to another backend, an explicit "triton" says why it cannot.
+TRITON_MAX_N = 4096
+
+
+def implemented_for(implemented: tuple[str, ...], n: int, backend: Optional[str]) -> tuple[str, ...]:
+    """The backends "auto" may choose for rows of ``n`` rankable tokens."""
+    if n > TRITON_MAX_N and (backend or _backend.get_backend()) == "auto":
+        return tuple(b for b in implemented if b != "triton")
+    return implemented
 
 
 class Selection(NamedTuple):
@@ -25,10 +35,18 @@ class Selection(NamedTuple):
 
 
 def _forward_impl(x, scores, k, num_prefix, fuse, order, backend):
+    if backend == "triton":
+        from ..triton.select import select_tokens_forward
+
+        return select_tokens_forward(x, scores, k, num_prefix, fuse, order)
     return reference.select_tokens(x, scores, k, num_prefix, fuse, order)
 
 
 def _backward_impl(grad, x, scores, indices, num_prefix, fuse, backend):
+    if backend == "triton":
+        from ..triton.select import select_tokens_backward
+
+        return select_tokens_backward(grad, x, scores, indices, num_prefix, fuse)
     return reference.select_tokens_backward(grad, x, scores, indices, num_prefix, fuse)
 
 
@@ -145,6 +163,6 @@ def select_tokens(
     fuse_mode = check_fuse(op, fuse)
     if order not in ("index", "score"):
         raise ValueError(f"{op}: order={order!r} must be 'index' or 'score'")
-    name = _backend.resolve(op, backend, x.device, IMPLEMENTED, torch.promote_types(x.dtype, scores.dtype))
+    name = _backend.resolve(op, backend, x.device, implemented_for(IMPLEMENTED, n, backend), torch.promote_types(x.dtype, scores.dtype))
     tokens, indices = _select_op(x, scores, k, num_prefix, fuse_mode, order, name)
     return Selection(tokens, indices)

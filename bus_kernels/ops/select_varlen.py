@@ -9,9 +9,9 @@ from torch import Tensor
 
 from .. import _backend, reference
 from ._common import check_finite, check_fuse, check_int, check_tensor
-from .select import check_select_inputs
+from .select import check_select_inputs, implemented_for
 
-IMPLEMENTED = ("torch",)
+IMPLEMENTED = ("torch", "triton")
 
 
 class VarlenSelection(NamedTuple):
@@ -46,10 +46,22 @@ def _(scores, mass, min_keep, backend):
 
 
 def _forward_impl(x, scores, keep, cu_seqlens, total, num_prefix, fuse, backend):
+    if backend == "triton":
+        from ..triton.select import select_tokens_varlen_forward
+
+        return select_tokens_varlen_forward(
+            x, scores, keep, cu_seqlens, total, num_prefix, fuse
+        )
     return reference.select_tokens_varlen(x, scores, keep, cu_seqlens, total, num_prefix, fuse)
 
 
 def _backward_impl(grad, x, scores, indices, keep, cu_seqlens, num_prefix, fuse, backend):
+    if backend == "triton":
+        from ..triton.select import select_tokens_varlen_backward
+
+        return select_tokens_varlen_backward(
+            grad, x, scores, indices, keep, cu_seqlens, num_prefix, fuse
+        )
     return reference.select_tokens_varlen_backward(grad, x, scores, indices, keep, cu_seqlens, num_prefix, fuse)
 
 
@@ -145,7 +157,7 @@ def select_tokens_varlen(
     op = "select_tokens_varlen"
     n = check_select_inputs(op, x, scores, num_prefix)
     fuse_mode = check_fuse(op, fuse)
-    name = _backend.resolve(op, backend, x.device, IMPLEMENTED, torch.promote_types(x.dtype, scores.dtype))
+    name = _backend.resolve(op, backend, x.device, implemented_for(IMPLEMENTED, n, backend), torch.promote_types(x.dtype, scores.dtype))
     B = x.shape[0]
     if (keep is None) == (mass is None):
         raise ValueError(f"{op}: pass exactly one of keep= (int64 [B]) and mass= (float in (0, 1])")

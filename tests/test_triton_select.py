@@ -1,0 +1,174 @@
+"""Triton ``select_tokens`` / ``select_tokens_varlen`` vs the reference, forward and backward.
+
+Without a GPU these run through the Triton interpreter (conftest sets TRITON_INTERPRET=1), so the
+shapes are small; they still cover odd N, one-row batches, k = 1 and k = n, 0/1/2 prefix tokens,
+ties (scores from a few integers, with -0.0 next to +0.0), every fuse mode, both orders, the three
+dtypes, per-row keep counts including 0 and n, mass=, and the split fused-token reduction.
+Indices are compared exactly, values with the suite's tolerance table.
+"""
+import pytest
+import torch
+
+import bus_kernels
+from bus_kernels.ops import select as select_op
+from bus_kernels.ops import select_varlen as varlen_op
+from conftest import TOL, require_backend
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _scores(gen, B, n, ties, dtype):
+    """Positive scores (relevance-like); with ``ties``, drawn from {0, 1, 2, 3} with -0.0 among the 0s."""
+    if ties:
+        s = torch.randint(0, 4, (B, n), generator=gen).float()
+        flip = torch.rand(B, n, generator=gen) < 0.5
+        s = torch.where((s == 0) & flip, -0.0, s)
+    else:
+        s = torch.rand(B, n, generator=gen) + 0.05
+    return s.to(dtype)
+
+
+def _close(actual, expected, dtype, what):
+    torch.testing.assert_close(actual.float(), expected.float(), **TOL[dtype], msg=lambda m: f"{what}: {m}")
+
+
+def _run_select(backend, x, scores, keep, **kw):
+    x = x.detach().clone().requires_grad_(True)
+    scores = scores.detach().clone().requires_grad_(True)
+    out = bus_kernels.select_tokens(x, scores, keep, backend=backend, **kw)
+    return out, x, scores
+
+
+# (B, N, D, num_prefix, keep, fuse, order, dtype, ties)
+SELECT_CASES = [
+    (2, 37, 32, 1, 9, "sum", "index", "fp32", False),
+    (2, 37, 32, 1, 9, "mean", "score", "fp32", True),
+    (1, 197, 48, 1, 0.25, "sum", "score", "fp32", False),
+    (1, 197, 40, 2, 1, "mean", "index", "fp32", True),
+    (3, 7, 16, 0, 7, "sum", "index", "fp32", True),  # k = n: nothing dropped
+    (3, 7, 16, 0, 7, "mean", "score", "fp32", False),  # k = n, mean of nothing = 0
+    (2, 38, 24, 2, 36, None, "score", "fp32", True),  # k = n, no fuse
+    (2, 37, 32, 1, 1, None, "index", "fp32", False),
+    (4, 37, 72, 1, 12, "sum", "index", "fp32", True),  # D > BLOCK_D: several D tiles
+    (2, 37, 32, 1, 9, "sum", "score", "bf16", True),
+    (1, 197, 32, 1, 49, "mean", "index", "bf16", False),
+    (2, 37, 32, 0, 5, None, "index", "bf16", True),
+    (2, 37, 32, 1, 9, "mean", "score", "fp16", False),
+    (2, 37, 32, 2, 1, "sum", "index", "fp16", True),
+    (2, 37, 32, 1, 9, "mean", "score", "bf16/fp32", False),  # bf16 tokens, fp32 relevance scores
+    (2, 37, 32, 1, 9, "sum", "index", "fp32/bf16", True),
+]
+
+
+@pytest.mark.parametrize("B,N,D,P,keep,fuse,order,dtype,ties", SELECT_CASES)
+def test_select_tokens_matches_reference(gen, B, N, D, P, keep, fuse, order, dtype, ties):
+    device = require_backend("triton", select_op.IMPLEMENTED)
+    dtype, sdtype = (DTYPES[d] for d in (dtype + "/" + dtype).split("/")[:2])
+    x = torch.randn(B, N, D, generator=gen).to(dtype).to(device)
+    scores = _scores(gen, B, N - P, ties, sdtype).to(device)
+    kw = dict(num_prefix=P, fuse=fuse, order=order)
+    (tok, idx), xt, st = _run_select("triton", x, scores, keep, **kw)
+    (ref, ridx), xr, sr = _run_select("torch", x, scores, keep, **kw)
+    assert idx.dtype == torch.int64 and torch.equal(idx, ridx)
+    assert tok.dtype == dtype and tok.shape == ref.shape
+    _close(tok, ref, dtype, "tokens")
+    grad = torch.randn(ref.shape, generator=gen).to(dtype).to(device)
+    gx, gs = torch.autograd.grad(tok, (xt, st), grad)
+    rgx, rgs = torch.autograd.grad(ref, (xr, sr), grad)
+    assert gx.dtype == dtype and gs.dtype == sdtype
+    _close(gx, rgx, dtype, "grad_x")
+    _close(gs, rgs, sdtype, "grad_scores")
+
+
+@pytest.mark.parametrize("target", [1, 64])
+@pytest.mark.parametrize("fuse", ["sum", "mean"])
+def test_fused_token_split_reduction(gen, monkeypatch, target, fuse):
+    """One split (fused row written by the gather) and many (fp32 partials + finish kernel)."""
+    device = require_backend("triton", select_op.IMPLEMENTED)
+    from bus_kernels.triton import select as triton_select
+
+    monkeypatch.setattr(triton_select, "_target_programs", lambda dev: target)
+    x = torch.randn(1, 301, 32, generator=gen).to(device)
+    scores = _scores(gen, 1, 300, False, torch.float32).to(device)
+    (tok, idx), xt, st = _run_select("triton", x, scores, 30, fuse=fuse)
+    (ref, ridx), xr, sr = _run_select("torch", x, scores, 30, fuse=fuse)
+    assert torch.equal(idx, ridx)
+    _close(tok, ref, torch.float32, "tokens")
+
+
+def test_mean_with_zero_dropped_sum(gen):
+    """fuse='mean' gives a zero token (and zero score gradients) when the dropped scores sum to 0."""
+    device = require_backend("triton", select_op.IMPLEMENTED)
+    x = torch.randn(2, 9, 16, generator=gen).to(device)
+    scores = torch.tensor([[5.0, 0, 0, 0, 0, 0, 0, 0], [1.0, -2.0, 3.0, 2.0, 0, 0, 0, 0]], device=device)
+    (tok, idx), xt, st = _run_select("triton", x, scores, 1, fuse="mean")
+    (ref, ridx), xr, sr = _run_select("torch", x, scores, 1, fuse="mean")
+    assert torch.equal(idx, ridx)
+    assert torch.count_nonzero(tok[0, -1]) == 0
+    _close(tok, ref, torch.float32, "tokens")
+    grad = torch.randn(ref.shape, generator=gen).to(device)
+    for a, b in zip(torch.autograd.grad(tok, (xt, st), grad), torch.autograd.grad(ref, (xr, sr), grad)):
+        _close(a, b, torch.float32, "grad")
+
+
+def _run_varlen(backend, x, scores, **kw):
+    x = x.detach().clone().requires_grad_(True)
+    scores = scores.detach().clone().requires_grad_(True)
+    out = bus_kernels.select_tokens_varlen(x, scores, backend=backend, **kw)
+    return out, x, scores
+
+
+# (B, N, D, num_prefix, keep or mass, fuse, dtype, ties)
+VARLEN_CASES = [
+    (4, 37, 32, 1, [0, 36, 3, 17], "sum", "fp32", True),
+    (4, 37, 32, 1, [5, 0, 36, 1], "mean", "fp32", False),
+    (3, 23, 40, 2, [21, 0, 4], None, "fp32", True),
+    (3, 23, 24, 0, [23, 1, 0], "mean", "bf16", True),
+    (2, 37, 32, 1, [7, 36], "sum", "fp16", False),
+    (4, 37, 32, 1, 0.6, "sum", "fp32", False),  # mass=
+    (2, 197, 32, 1, 0.9, "mean", "bf16", False),  # mass=
+]
+
+
+@pytest.mark.parametrize("B,N,D,P,keep,fuse,dtype,ties", VARLEN_CASES)
+def test_select_tokens_varlen_matches_reference(gen, B, N, D, P, keep, fuse, dtype, ties):
+    device = require_backend("triton", varlen_op.IMPLEMENTED)
+    dtype = DTYPES[dtype]
+    x = torch.randn(B, N, D, generator=gen).to(dtype).to(device)
+    scores = _scores(gen, B, N - P, ties, dtype).to(device)
+    if isinstance(keep, float):
+        kw = dict(mass=keep, num_prefix=P, fuse=fuse)
+    else:
+        kw = dict(keep=torch.tensor(keep, dtype=torch.int64, device=device), num_prefix=P, fuse=fuse)
+    out, xt, st = _run_varlen("triton", x, scores, **kw)
+    ref, xr, sr = _run_varlen("torch", x, scores, **kw)
+    assert torch.equal(out.keep, ref.keep) and torch.equal(out.cu_seqlens, ref.cu_seqlens)
+    assert out.max_seqlen == ref.max_seqlen
+    assert out.indices.dtype == torch.int64 and torch.equal(out.indices, ref.indices)
+    assert out.tokens.dtype == dtype
+    _close(out.tokens, ref.tokens, dtype, "tokens")
+    grad = torch.randn(ref.tokens.shape, generator=gen).to(dtype).to(device)
+    gx, gs = torch.autograd.grad(out.tokens, (xt, st), grad)
+    rgx, rgs = torch.autograd.grad(ref.tokens, (xr, sr), grad)
+    _close(gx, rgx, dtype, "grad_x")
+    _close(gs, rgs, dtype, "grad_scores")
+
+
+def test_rows_longer_than_a_block_are_refused(gen):
+    device = require_backend("triton", select_op.IMPLEMENTED)
+    from bus_kernels.triton.select import MAX_BLOCK_N
+
+    x = torch.randn(1, MAX_BLOCK_N + 2, 1, device=device)
+    scores = torch.rand(1, MAX_BLOCK_N + 1, device=device)
+    with pytest.raises(ValueError, match="ranks rows of up to"):
+        bus_kernels.select_tokens(x, scores, 1, backend="triton")
+
+
+def test_auto_sends_rows_longer_than_the_rank_kernel_elsewhere():
+    from bus_kernels.ops.select import TRITON_MAX_N, implemented_for
+    from bus_kernels.triton.select import MAX_BLOCK_N
+
+    assert TRITON_MAX_N == MAX_BLOCK_N
+    assert "triton" not in implemented_for(("torch", "triton"), MAX_BLOCK_N + 1, "auto")
+    assert "triton" in implemented_for(("torch", "triton"), MAX_BLOCK_N + 1, "triton")
+    assert "triton" in implemented_for(("torch", "triton"), MAX_BLOCK_N, "auto")
