@@ -9,14 +9,25 @@ from torch import Tensor
 from .. import _backend, reference
 from ._common import ANY_FLOAT, check_cu_seqlens, check_cu_seqlens_meta, check_int, check_tensor
 
-IMPLEMENTED = ("torch",)
+IMPLEMENTED = ("torch", "triton")
 
 
 def _forward_impl(q, k, v, cu_seqlens, max_seqlen, scale, causal, key_bias, backend):
+    if backend == "triton":
+        from ..triton.varlen_attention import varlen_attention_forward
+
+        return varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, scale, causal, key_bias)
     return reference.varlen_attention(q, k, v, cu_seqlens, scale, causal, key_bias)
 
 
 def _backward_impl(grad, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal, key_bias, backend):
+    if backend == "triton":
+        from ..triton.varlen_attention import varlen_attention_backward
+
+        dq, dk, dv, dbias = varlen_attention_backward(
+            grad, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal, key_bias
+        )
+        return dq, dk, dv, _no_bias_grad(q) if dbias is None else dbias
     dq, dk, dv, dbias = reference.varlen_attention_backward(grad, q, k, v, cu_seqlens, scale, causal, key_bias)
     return dq, dk, dv, _no_bias_grad(q) if dbias is None else dbias
 
