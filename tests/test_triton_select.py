@@ -172,3 +172,16 @@ def test_auto_sends_rows_longer_than_the_rank_kernel_elsewhere():
     assert "triton" not in implemented_for(("torch", "triton"), MAX_BLOCK_N + 1, "auto")
     assert "triton" in implemented_for(("torch", "triton"), MAX_BLOCK_N + 1, "triton")
     assert "triton" in implemented_for(("torch", "triton"), MAX_BLOCK_N, "auto")
+
+
+def test_mean_gradient_finite_for_tiny_dropped_sum():
+    device = require_backend("triton", select_op.IMPLEMENTED)
+    x = (torch.randn(1, 5, 3, device=device) * 1e-3).requires_grad_()
+    s = torch.tensor([[1.0, 4e-40, 0.0, 6e-40]], device=device, requires_grad=True)
+    grads = {}
+    for backend in ("triton", "torch"):
+        tok = bus_kernels.select_tokens(x, s, 1, fuse="mean", backend=backend).tokens
+        grads[backend] = torch.autograd.grad(tok.sum(), (x, s))
+    for a, b in zip(grads["triton"], grads["torch"]):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, **TOL[torch.float32])

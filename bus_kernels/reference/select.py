@@ -50,11 +50,13 @@ def fuse_backward(
         coef = s_dropped
         gs = gx
     else:
+        # Divide by S (not multiply by 1/S, which overflows for tiny |S|); S == 0 gives 0.
         denom = s_dropped.sum(dim=1, keepdim=True)
-        inv = torch.where(denom != 0, 1.0 / torch.where(denom != 0, denom, 1), 0)
-        coef = s_dropped * inv
+        nonzero = denom != 0
+        safe = torch.where(nonzero, denom, 1)
+        coef = torch.where(nonzero, s_dropped / safe, 0)
         fused = torch.einsum("bn,bnd->bd", coef, xs)
-        gs = (gx - (fused * g).sum(dim=1, keepdim=True)) * inv
+        gs = torch.where(nonzero, (gx - (fused * g).sum(dim=1, keepdim=True)) / safe, 0)
     grad_xs = coef[..., None] * g[:, None, :]
     grad_s = torch.where(dropped, gs, 0)
     return grad_xs, grad_s

@@ -53,7 +53,7 @@ def select_tokens_varlen(
     kept_mask = _kept_mask(scores, keep)
     seq, col, kept_rows, prefix_rows, fused_rows = _rows(kept_mask, keep, cu_seqlens, P)
     out = x.new_empty((total, D))
-    out[prefix_rows.reshape(-1)] = x[:, :P].reshape(-1, D)
+    out[prefix_rows.reshape(-1)] = x[:, :P].reshape(B * P, D)
     out[kept_rows] = x[seq, col + P]
     if fuse != "none":
         acc = acc_dtype(x, scores)

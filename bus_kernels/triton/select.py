@@ -90,7 +90,7 @@ def _select_rank_kernel(
         kb = tl.load(keep_ptr + b).to(tl.int32)
         idx_base = (base - b * (num_prefix + has_fuse)).to(tl.int64)
     else:
-        base = b * (num_prefix + k + has_fuse)
+        base = b.to(tl.int64) * (num_prefix + k + has_fuse)
         kb = k
         idx_base = b.to(tl.int64) * k
     tl.store(meta_ptr + 2 * b, base)
@@ -195,8 +195,8 @@ def _select_gather_kernel(
     for j0 in range(j_start, j_end, BLOCK_T):
         j = j0 + t_offs
         jm = j < j_end
-        slot = tl.load(slot_ptr + b * n + j, mask=jm, other=-1)
-        c = tl.load(coef_ptr + b * n + j, mask=jm, other=0.0)
+        slot = tl.load(slot_ptr + b.to(tl.int64) * n + j, mask=jm, other=-1)
+        c = tl.load(coef_ptr + b.to(tl.int64) * n + j, mask=jm, other=0.0)
         kept = jm & (slot >= 0)
         read = jm & ((slot >= 0) | (has_fuse != 0))  # dropped rows are not read without a fuse
         v = tl.load(
@@ -248,7 +248,7 @@ def _select_bwd_prep_kernel(
     indices_ptr,  # int64: kept positions in output order
     slot_ptr,  # out int32 [B, n]
     coef_ptr,  # out fp32 [B, n]: d fused / d x_j (0 for kept columns)
-    inv_ptr,  # out fp32 [B]: 1 for sum, 1/S (0 if S == 0) for mean
+    div_ptr,  # out fp32 [B]: 1 for sum, S for mean (0 if S == 0: the gradient is then 0)
     meta_ptr,  # out int32 [B, 2]
     keep_ptr,
     cu_ptr,
@@ -266,7 +266,7 @@ def _select_bwd_prep_kernel(
         kb = tl.load(keep_ptr + b).to(tl.int32)
         idx_base = (base - b * (num_prefix + has_fuse)).to(tl.int64)
     else:
-        base = b * (num_prefix + k + has_fuse)
+        base = b.to(tl.int64) * (num_prefix + k + has_fuse)
         kb = k
         idx_base = b.to(tl.int64) * k
     tl.store(meta_ptr + 2 * b, base)
@@ -287,10 +287,11 @@ def _select_bwd_prep_kernel(
     dropped = valid & (slot < 0)
     s_dropped = tl.where(dropped, s, 0.0)
     total = tl.sum(s_dropped, axis=0)
-    inv = tl.where(total != 0.0, tl.math.div_rn(1.0, tl.where(total != 0.0, total, 1.0)), 0.0)
-    inv = tl.where(fuse_mean != 0, inv, 1.0)
-    tl.store(coef_ptr + row + offs, s_dropped * inv, mask=valid)
-    tl.store(inv_ptr + b, inv)
+    # Divide by S rather than multiply by 1/S: 1/S overflows for |S| below ~3e-39.
+    div = tl.where(fuse_mean != 0, total, 1.0)
+    coef = tl.where(div != 0.0, tl.math.div_rn(s_dropped, tl.where(div != 0.0, div, 1.0)), 0.0)
+    tl.store(coef_ptr + row + offs, coef, mask=valid)
+    tl.store(div_ptr + b, div)
 
 
 @triton.jit
@@ -319,8 +320,8 @@ def _select_bwd_kernel(
     is_prefix = t < num_prefix
     j = t - num_prefix
     jm = tm & (~is_prefix)
-    slot = tl.load(slot_ptr + b * n + j, mask=jm, other=-1)
-    c = tl.load(coef_ptr + b * n + j, mask=jm, other=0.0)
+    slot = tl.load(slot_ptr + b.to(tl.int64) * n + j, mask=jm, other=-1)
+    c = tl.load(coef_ptr + b.to(tl.int64) * n + j, mask=jm, other=0.0)
     take_g = tm & (is_prefix | (slot >= 0))  # rows whose gradient is an output row's gradient
     read_x = jm & (slot < 0) & (has_fuse != 0)
     src = tl.where(is_prefix, base + t, base + num_prefix + slot).to(tl.int64)
@@ -344,7 +345,7 @@ def _select_bwd_kernel(
             mask=tm[:, None] & dmask[None, :],
         )
         dot += tl.sum(xv * gf[None, :], axis=1)
-    tl.store(dot_ptr + b * n + j, dot, mask=jm)
+    tl.store(dot_ptr + b.to(tl.int64) * n + j, dot, mask=jm)
 
 
 @triton.jit
@@ -353,7 +354,7 @@ def _select_bwd_scores_kernel(
     dot_ptr,  # fp32 [B, n]
     slot_ptr,  # int32 [B, n]
     coef_ptr,  # fp32 [B, n]
-    inv_ptr,  # fp32 [B]
+    div_ptr,  # fp32 [B]: 1 for sum, S for mean (0: no gradient)
     n,
     has_fuse,
     fuse_mean,
@@ -366,9 +367,10 @@ def _select_bwd_scores_kernel(
     dot = tl.load(dot_ptr + row + offs, mask=valid, other=0.0)
     slot = tl.load(slot_ptr + row + offs, mask=valid, other=0)
     coef = tl.load(coef_ptr + row + offs, mask=valid, other=0.0)
-    inv = tl.load(inv_ptr + b)
+    div = tl.load(div_ptr + b)
     g_dot_fused = tl.sum(coef * dot, axis=0)  # <g, fused> = sum_i coef_i <g, x_i>
-    gs = tl.where(fuse_mean != 0, (dot - g_dot_fused) * inv, dot)
+    mean_gs = tl.where(div != 0.0, tl.math.div_rn(dot - g_dot_fused, tl.where(div != 0.0, div, 1.0)), 0.0)
+    gs = tl.where(fuse_mean != 0, mean_gs, dot)
     gs = tl.where((slot < 0) & (has_fuse != 0), gs, 0.0)
     tl.store(grad_scores_ptr + row + offs, gs.to(grad_scores_ptr.dtype.element_ty), mask=valid)
 
@@ -384,7 +386,7 @@ def _rank_settings(n: int) -> tuple[int, int]:
     if block_n > MAX_BLOCK_N:
         raise ValueError(
             f"select_tokens: the triton backend ranks rows of up to {MAX_BLOCK_N} tokens, "
-            f"got N - num_prefix = {n}; use backend='torch' or 'cuda'"
+            f"got N - num_prefix = {n}; use backend='torch'"
         )
     return block_n, (4 if block_n <= 1024 else 8)
 
@@ -463,12 +465,12 @@ def _backward(grad, x, scores, indices, k, keep, cu_seqlens, num_prefix, fuse):
     slot = torch.empty((B, n), dtype=torch.int32, device=dev)
     coef = torch.empty((B, n), dtype=torch.float32, device=dev)
     dot = torch.empty((B, n), dtype=torch.float32, device=dev)
-    inv = torch.empty((B,), dtype=torch.float32, device=dev)
+    div = torch.empty((B,), dtype=torch.float32, device=dev)
     meta = torch.empty((B, 2), dtype=torch.int32, device=dev)
     varlen = keep is not None
     block_n, warps_n = _rank_settings(n)
     _select_bwd_prep_kernel[(B,)](
-        scores, indices, slot, coef, inv, meta,
+        scores, indices, slot, coef, div, meta,
         keep if varlen else indices, cu_seqlens if varlen else meta,
         n, k, num_prefix, has_fuse, fuse_mean,
         VARLEN=varlen, BLOCK_N=block_n, num_warps=warps_n,
@@ -482,7 +484,7 @@ def _backward(grad, x, scores, indices, k, keep, cu_seqlens, num_prefix, fuse):
     else:
         dot.zero_()
     _select_bwd_scores_kernel[(B,)](
-        grad_scores, dot, slot, coef, inv, n, has_fuse, fuse_mean, BLOCK_N=block_n, num_warps=warps_n
+        grad_scores, dot, slot, coef, div, n, has_fuse, fuse_mean, BLOCK_N=block_n, num_warps=warps_n
     )
     return grad_x, grad_scores
 
@@ -561,12 +563,12 @@ def compile_cases():
             for varlen in (False, True):
                 types = dict(
                     scores_ptr=f"*{dt}", indices_ptr="*i64", slot_ptr="*i32", coef_ptr="*fp32",
-                    inv_ptr="*fp32", meta_ptr="*i32", keep_ptr="*i64", cu_ptr="*i32",
+                    div_ptr="*fp32", meta_ptr="*i32", keep_ptr="*i64", cu_ptr="*i32",
                 )  # fmt: skip
                 cx = dict(VARLEN=varlen, BLOCK_N=block_n)
                 yield _select_bwd_prep_kernel, _signature(_select_bwd_prep_kernel, types, cx), cx, opts
             types = dict(
-                grad_scores_ptr=f"*{dt}", dot_ptr="*fp32", slot_ptr="*i32", coef_ptr="*fp32", inv_ptr="*fp32"
+                grad_scores_ptr=f"*{dt}", dot_ptr="*fp32", slot_ptr="*i32", coef_ptr="*fp32", div_ptr="*fp32"
             )
             cx = dict(BLOCK_N=block_n)
             yield _select_bwd_scores_kernel, _signature(_select_bwd_scores_kernel, types, cx), cx, opts
