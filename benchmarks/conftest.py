@@ -40,8 +40,10 @@ def fused_backends(implemented) -> list[str]:
 
 
 def run(benchmark, fn, *, op: str, impl: str, shape: str, dtype: torch.dtype, mode: str,
-        nbytes: float | None = None, flops: float | None = None, rounds: int | None = None):
-    """Times ``fn`` and records the work it does. ``impl``: a backend name or an alternative."""
+        nbytes: float | None = None, flops: float | None = None, images: int | None = None,
+        reference: bool | None = None, rounds: int | None = None):
+    """Times ``fn`` and records the work it does. ``impl``: a backend name or an alternative;
+    ``reference``: the row the report divides by (default: the ``torch`` backend)."""
     if ON_GPU:
         def target():
             fn()
@@ -53,6 +55,7 @@ def run(benchmark, fn, *, op: str, impl: str, shape: str, dtype: torch.dtype, mo
     benchmark.extra_info.update(
         op=op, impl=impl, shape=shape, dtype=str(dtype).replace("torch.", ""), mode=mode,
         device=torch.cuda.get_device_name() if ON_GPU else "cpu", nbytes=nbytes, flops=flops,
+        images=images, reference=impl == "torch" if reference is None else reference,
         torch=torch.__version__, triton=TRITON_VERSION,
     )
     benchmark.pedantic(target, rounds=rounds or (20 if ON_GPU else 5), iterations=1, warmup_rounds=1)

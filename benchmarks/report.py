@@ -3,8 +3,9 @@
     python benchmarks/report.py benchmarks/out/bench.json [--out benchmarks/RESULTS.md] [--stdout]
 
 One table per benchmark group (op, mode, shape, dtype): every implementation's median time, its
-achieved GB/s or TFLOP/s (from the work recorded by the benchmark) and its speed-up over the
-reference (``torch``) measured in the same run. The header names the machine, the versions, the
+achieved GB/s, TFLOP/s or images/s (from the work recorded by the benchmark) and its speed-up
+over the group's reference row (the ``torch`` backend; the baseline model end to end), measured in
+the same run. The header names the machine, the versions, the
 commit and the date.
 """
 from __future__ import annotations
@@ -32,6 +33,8 @@ def _header(data: dict) -> list[str]:
 
 
 def _rate(extra: dict, seconds: float) -> str:
+    if extra.get("images"):
+        return f"{extra['images'] / seconds:.2f} img/s"
     if extra.get("flops"):
         return f"{extra['flops'] / seconds / 1e12:.2f} TFLOP/s"
     if extra.get("nbytes"):
@@ -44,11 +47,14 @@ def render(data: dict) -> str:
     for b in data["benchmarks"]:
         groups[b["group"] or b["name"]].append(b)
     out = ["# Benchmark results", "", *_header(data), ""]
-    out += ["Speed-up: reference (`torch` backend) median / this median, same run.", ""]
+    out += ["Speed-up: the group's reference row (the `torch` backend for kernels, the baseline model",
+            "end to end) median / this median, measured in the same run.", ""]
     for group in sorted(groups):
         rows = groups[group]
-        ref = next((r["stats"]["median"] for r in rows if r["extra_info"].get("impl") == "torch"), None)
-        out += [f"### {group}", "", "| impl | median ms | rate | speed-up vs torch |", "|---|---:|---:|---:|"]
+        ref_row = next((r for r in rows if r["extra_info"].get("reference")), None)
+        ref = ref_row["stats"]["median"] if ref_row else None
+        ref_name = ref_row["extra_info"].get("impl") if ref_row else "reference"
+        out += [f"### {group}", "", f"| impl | median ms | rate | speed-up vs {ref_name} |", "|---|---:|---:|---:|"]
         for r in sorted(rows, key=lambda r: r["stats"]["median"]):
             med = r["stats"]["median"]
             speed = f"{ref / med:.2f}x" if ref else ""
