@@ -52,6 +52,10 @@ class BUSConfig:
     w_itm: float = 1.0
     w_ptm: float = 1.0
     w_lm: float = 1.0
+    # ITC on the text-free (CLS-guided) image embedding that retrieval evaluation uses. With TSPS,
+    # the other losses see images pruned under their own caption (TRIPS-style), so without this
+    # term the evaluated embedding is never trained. Costs one more (pruned) ViT pass per step.
+    itc_text_free: float = 1.0
     temperature: float = 0.07
 
     @classmethod
@@ -167,6 +171,9 @@ class BUSModel(nn.Module):
         B = images.shape[0]
         text = self.encode_text(ids, am)
         text_cls = text[:, 0]
+        free_emb = None
+        if self.use_tsps and self.config.itc_text_free > 0:  # before the guided pass: PTM reads its state
+            free_emb = F.normalize(self.vision_proj(self.encode_image(images)[0][:, 0]).float(), dim=-1)
         # Training lets each caption guide its own image (TRIPS); evaluation never does.
         tokens, pad = self.encode_image(images, text=text_cls if self.use_tsps else None)
         img_emb = F.normalize(self.vision_proj(tokens[:, 0]).float(), dim=-1)
@@ -175,6 +182,9 @@ class BUSModel(nn.Module):
         sim_i2t = scale * img_emb @ txt_emb.t()
         target = torch.arange(B, device=images.device)
         losses = {"itc": (F.cross_entropy(sim_i2t, target) + F.cross_entropy(sim_i2t.t(), target)) / 2}
+        if free_emb is not None:
+            sim_free = scale * free_emb @ txt_emb.t()
+            losses["itc_free"] = (F.cross_entropy(sim_free, target) + F.cross_entropy(sim_free.t(), target)) / 2
 
         mem, mem_pad = self.image_memory(tokens, pad)
         text_pad = am == 0
@@ -206,7 +216,7 @@ class BUSModel(nn.Module):
         losses["ptm"] = self._ptm_loss(batch.get("patch_labels")) if self.use_tsps else torch.zeros((), device=images.device)
         cfg = self.config
         losses["loss"] = (cfg.w_itc * losses["itc"] + cfg.w_itm * losses["itm"] + cfg.w_lm * losses["lm"]
-                          + cfg.w_ptm * losses["ptm"])
+                          + cfg.w_ptm * losses["ptm"] + cfg.itc_text_free * losses.get("itc_free", 0.0))
         return losses
 
     def _ptm_loss(self, patch_labels: Optional[Tensor]) -> Tensor:
