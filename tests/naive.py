@@ -12,6 +12,19 @@ def ranking(row: list[float]) -> list[int]:
     return sorted(range(len(row)), key=lambda j: (-row[j], j))
 
 
+def fused(tokens, row, top, fuse):
+    """The fused token of one sample: score-weighted sum (or mean) of the tokens not in ``top``."""
+    acc = torch.zeros(tokens.shape[1], dtype=torch.float64)
+    wsum = 0.0
+    for j in range(len(row)):
+        if j not in top:
+            acc += row[j] * tokens[j]
+            wsum += row[j]
+    if fuse == "mean":
+        return acc / wsum if wsum != 0 else torch.zeros_like(acc)
+    return acc
+
+
 def select(x, scores, k, num_prefix, fuse, order):
     B, N, D = x.shape
     P = num_prefix
@@ -23,15 +36,7 @@ def select(x, scores, k, num_prefix, fuse, order):
         kept = sorted(top) if order == "index" else top
         rows = [xs[b, i] for i in range(P)] + [xs[b, P + j] for j in kept]
         if fuse is not None:
-            acc = torch.zeros(D, dtype=torch.float64)
-            wsum = 0.0
-            for j in range(N - P):
-                if j not in top:
-                    acc += row[j] * xs[b, P + j]
-                    wsum += row[j]
-            if fuse == "mean":
-                acc = acc / wsum if wsum != 0 else torch.zeros(D, dtype=torch.float64)
-            rows.append(acc)
+            rows.append(fused(xs[b, P:], row, top, fuse))
         toks.append(torch.stack(rows))
         idxs.append([P + j for j in kept])
     return torch.stack(toks), torch.tensor(idxs, dtype=torch.int64).reshape(B, k)
@@ -62,15 +67,7 @@ def select_varlen(x, scores, keep, num_prefix, fuse):
         top = sorted(ranking(row)[: int(keep[b])])
         rows = [xs[b, i] for i in range(P)] + [xs[b, P + j] for j in top]
         if fuse is not None:
-            acc = torch.zeros(D, dtype=torch.float64)
-            wsum = 0.0
-            for j in range(N - P):
-                if j not in top:
-                    acc += row[j] * xs[b, P + j]
-                    wsum += row[j]
-            if fuse == "mean":
-                acc = acc / wsum if wsum != 0 else torch.zeros(D, dtype=torch.float64)
-            rows.append(acc)
+            rows.append(fused(xs[b, P:], row, top, fuse))
         seqs.append(torch.stack(rows) if rows else torch.zeros(0, D, dtype=torch.float64))
         idxs += [P + j for j in top]
     lengths = [s.shape[0] for s in seqs]

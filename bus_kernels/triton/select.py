@@ -65,6 +65,22 @@ def _order_key(s):
 
 
 @triton.jit
+def _row_layout(b, keep_ptr, cu_ptr, meta_ptr, k, num_prefix, has_fuse, VARLEN: tl.constexpr):
+    """Row b's keep count and first index slot; stores (first output row, keep) into meta[b]."""
+    if VARLEN:
+        base = tl.load(cu_ptr + b)
+        kb = tl.load(keep_ptr + b).to(tl.int32)
+        idx_base = (base - b * (num_prefix + has_fuse)).to(tl.int64)
+    else:
+        base = b.to(tl.int64) * (num_prefix + k + has_fuse)
+        kb = k
+        idx_base = b.to(tl.int64) * k
+    tl.store(meta_ptr + 2 * b, base)
+    tl.store(meta_ptr + 2 * b + 1, kb)
+    return kb, idx_base
+
+
+@triton.jit
 def _select_rank_kernel(
     scores_ptr,  # [B, n] fp32/fp16/bf16
     slot_ptr,  # out int32 [B, n]: output slot (index order) of a kept column, -1 if dropped
@@ -85,16 +101,7 @@ def _select_rank_kernel(
     BLOCK_N: tl.constexpr,
 ):
     b = tl.program_id(0)
-    if VARLEN:
-        base = tl.load(cu_ptr + b)
-        kb = tl.load(keep_ptr + b).to(tl.int32)
-        idx_base = (base - b * (num_prefix + has_fuse)).to(tl.int64)
-    else:
-        base = b.to(tl.int64) * (num_prefix + k + has_fuse)
-        kb = k
-        idx_base = b.to(tl.int64) * k
-    tl.store(meta_ptr + 2 * b, base)
-    tl.store(meta_ptr + 2 * b + 1, kb)
+    kb, idx_base = _row_layout(b, keep_ptr, cu_ptr, meta_ptr, k, num_prefix, has_fuse, VARLEN)
 
     offs = tl.arange(0, BLOCK_N)
     valid = offs < n
@@ -261,16 +268,7 @@ def _select_bwd_prep_kernel(
     BLOCK_N: tl.constexpr,
 ):
     b = tl.program_id(0)
-    if VARLEN:
-        base = tl.load(cu_ptr + b)
-        kb = tl.load(keep_ptr + b).to(tl.int32)
-        idx_base = (base - b * (num_prefix + has_fuse)).to(tl.int64)
-    else:
-        base = b.to(tl.int64) * (num_prefix + k + has_fuse)
-        kb = k
-        idx_base = b.to(tl.int64) * k
-    tl.store(meta_ptr + 2 * b, base)
-    tl.store(meta_ptr + 2 * b + 1, kb)
+    kb, idx_base = _row_layout(b, keep_ptr, cu_ptr, meta_ptr, k, num_prefix, has_fuse, VARLEN)
 
     offs = tl.arange(0, BLOCK_N)
     valid = offs < n
