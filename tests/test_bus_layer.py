@@ -134,3 +134,27 @@ def test_pad_shapes_and_padding_mask():
     tokens2 = tokens.clone()
     tokens2[1, 6:] = 100.0
     torch.testing.assert_close(pad(tokens2, mask), out)
+
+
+@pytest.mark.parametrize("bus_model", [True, False])
+@pytest.mark.parametrize("mass", [None, 0.7])
+def test_bus_model_losses_reach_every_parameter(bus_model, mass):
+    pytest.importorskip("transformers")
+    from bus.model import BUSConfig, BUSModel
+
+    torch.manual_seed(0)
+    model = BUSModel(BUSConfig.tiny(vocab_size=40, mass=mass), bus=bus_model).train()
+    ids = torch.randint(5, 40, (4, 7))
+    ids[:, 0] = 2
+    am = torch.ones(4, 7, dtype=torch.long)
+    am[2, 4:] = 0
+    batch = dict(images=images(4), input_ids=ids, attention_mask=am, patch_labels=(torch.rand(4, 16) < 0.4).float())
+    losses = model(batch)
+    want = {"itc", "itm", "lm", "ptm", "loss"} | ({"itc_free"} if bus_model else set())
+    assert want <= set(losses) and all(torch.isfinite(v) for v in losses.values())
+    losses["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+    emb = model.image_embedding(images(4))
+    assert emb.shape == (4, model.config.embed_dim)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(4))
