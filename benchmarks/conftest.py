@@ -41,7 +41,7 @@ def fused_backends(implemented) -> list[str]:
 
 def run(benchmark, fn, *, op: str, impl: str, shape: str, dtype: torch.dtype, mode: str,
         nbytes: float | None = None, flops: float | None = None, images: int | None = None,
-        reference: bool | None = None, rounds: int | None = None):
+        reference: bool | None = None, rounds: int | None = None, warmup: bool = True):
     """Times ``fn`` and records the work it does. ``impl``: a backend name or an alternative;
     ``reference``: the row the report divides by (default: the ``torch`` backend)."""
     if ON_GPU:
@@ -50,7 +50,8 @@ def run(benchmark, fn, *, op: str, impl: str, shape: str, dtype: torch.dtype, mo
             torch.cuda.synchronize()
     else:
         target = fn
-    target()  # warm-up: compilation, autotuning, allocator
+    if warmup:
+        target()  # warm-up: compilation, autotuning, allocator
     benchmark.group = f"{op} {mode} {shape} {str(dtype).replace('torch.', '')}"
     benchmark.extra_info.update(
         op=op, impl=impl, shape=shape, dtype=str(dtype).replace("torch.", ""), mode=mode,
@@ -58,7 +59,7 @@ def run(benchmark, fn, *, op: str, impl: str, shape: str, dtype: torch.dtype, mo
         images=images, reference=impl == "torch" if reference is None else reference,
         torch=torch.__version__, triton=TRITON_VERSION,
     )
-    benchmark.pedantic(target, rounds=rounds or (20 if ON_GPU else 5), iterations=1, warmup_rounds=1)
+    benchmark.pedantic(target, rounds=rounds or (20 if ON_GPU else 5), iterations=1, warmup_rounds=int(warmup))
 
 
 @pytest.fixture

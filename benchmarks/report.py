@@ -1,12 +1,14 @@
 """Turns a pytest-benchmark JSON into the tables of benchmarks/RESULTS.md.
 
-    python benchmarks/report.py benchmarks/out/bench.json [--out benchmarks/RESULTS.md] [--stdout]
+    python benchmarks/report.py benchmarks/out/bench.json [more.json ...] [--out benchmarks/RESULTS.md] [--stdout]
 
 One table per benchmark group (op, mode, shape, dtype): every implementation's median time, its
 achieved GB/s, TFLOP/s or images/s (from the work recorded by the benchmark) and its speed-up
 over the group's reference row (the ``torch`` backend; the baseline model end to end), measured in
 the same run. The header names the machine, the versions, the
-commit and the date.
+commit and the date. With matplotlib installed it also draws, from the end-to-end rows, the
+BUS speed-up against the keep ratio and the throughput against the resolution (PNG files next to
+the report). Several JSON files (e.g. a rerun of a few benchmarks) are merged.
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ def _header(data: dict) -> list[str]:
 
 
 def _rate(extra: dict, seconds: float) -> str:
+    if extra.get("i2t_r@1") is not None:
+        return f"{extra['images'] / seconds:.1f} img/s, i2t R@1 {extra['i2t_r@1']:.3f}, t2i R@1 {extra['t2i_r@1']:.3f}"
     if extra.get("images"):
         return f"{extra['images'] / seconds:.2f} img/s"
     if extra.get("flops"):
@@ -63,19 +67,78 @@ def render(data: dict) -> str:
     return "\n".join(out)
 
 
+def _e2e_points(data: dict) -> dict:
+    """{impl: images/s} of the ViT-B/16 end-to-end rows (impl like 'bus-keep0.5@224')."""
+    pts = {}
+    for b in data["benchmarks"]:
+        e = b["extra_info"]
+        if e.get("op") == "e2e train step" and "ViT-B/16" in e.get("shape", "") and e.get("images"):
+            pts[e["impl"]] = e["images"] / b["stats"]["median"]
+    return pts
+
+
+def plots(data: dict, outdir: Path) -> list[Path]:
+    """Speed-up vs keep ratio and throughput vs resolution; returns the files written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    pts, written = _e2e_points(data), []
+    base = pts.get("baseline@224")
+    keeps = sorted((0.7 if name == "bus@224" else float(name[len("bus-keep"):-len("@224")]), v)
+                   for name, v in pts.items() if name == "bus@224" or (name.startswith("bus-keep") and name.endswith("@224")))
+    if base and len(keeps) >= 2:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot([k for k, _ in keeps], [v / base for _, v in keeps], "o-", label="BUS (TSPS at 4/7/10 + PAD)")
+        ax.axhline(1.0, color="gray", ls="--", label="baseline")
+        ax.set(xlabel="keep ratio per TSPS layer", ylabel="train images/s vs baseline", title="ViT-B/16 @224, train step")
+        ax.legend()
+        fig.tight_layout()
+        written.append(outdir / "speedup_vs_keep.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    res = {}
+    for name, v in pts.items():
+        model, _, r = name.partition("@")
+        if model in ("bus", "baseline") and r.isdigit():
+            res.setdefault(model, []).append((int(r), v))
+    if len(res.get("bus", [])) >= 2 or len(res.get("baseline", [])) >= 2:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for model, rows in sorted(res.items()):
+            rows.sort()
+            ax.plot([r for r, _ in rows], [v for _, v in rows], "o-", label=model)
+        ax.set(xlabel="image resolution (px)", ylabel="train images/s", title="ViT-B/16 train step")
+        ax.legend()
+        fig.tight_layout()
+        written.append(outdir / "throughput_vs_resolution.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("json", type=Path)
+    ap.add_argument("json", type=Path, nargs="+")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     ap.add_argument("--stdout", action="store_true", help="print instead of writing --out")
     args = ap.parse_args()
-    data = json.loads(args.json.read_text())
+    data = json.loads(args.json[0].read_text())
+    for extra in args.json[1:]:  # later files replace rows of the same name
+        more = json.loads(extra.read_text())["benchmarks"]
+        names = {b["fullname"] for b in more}
+        data["benchmarks"] = [b for b in data["benchmarks"] if b["fullname"] not in names] + more
     text = render(data)
     if args.stdout:
         print(text)
     else:
+        pictures = plots(data, args.out.parent)
+        if pictures:
+            text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pictures) + "\n"
         args.out.write_text(text + "\n")
-        print(f"wrote {args.out}")
+        print(f"wrote {args.out}" + "".join(f", {p}" for p in pictures))
 
 
 if __name__ == "__main__":

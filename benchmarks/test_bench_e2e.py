@@ -66,10 +66,13 @@ VARIANTS = {
     "tsps-only@224": (dataclasses.replace(BASE, pad=False), True, None),
     "pad-only@224": (dataclasses.replace(BASE, tsps=False), True, None),
     "bus-mass0.8@224": (dataclasses.replace(BASE, mass=0.8), True, None),
-    "bus-torch-kernels@224": (BASE, True, "torch"),
+    "bus-keep0.5@224": (dataclasses.replace(BASE, keep=0.5), True, None),
+    "bus-keep0.9@224": (dataclasses.replace(BASE, keep=0.9), True, None),
     "bus@320": (dataclasses.replace(BASE, img_size=320), True, None),
     "baseline@320": (dataclasses.replace(BASE, img_size=320), False, None),
 }
+if ON_GPU:  # on CPU "auto" and "torch" run the same code for a fixed keep (no packed tokens)
+    VARIANTS["bus-torch-kernels@224"] = (BASE, True, "torch")
 SMALL = BUSConfig.tiny(vocab_size=1000, img_size=128)
 SMALL_VARIANTS = {
     "baseline": (SMALL, False, None),
