@@ -53,11 +53,9 @@ class PruneState:
         return self.cu_seqlens is not None
 
 
-def _pad_packed(t: Tensor, state: PruneState, fill: float = 0.0) -> Tensor:
-    """Packed [total, ...] -> padded [B, max_seqlen, ...] filled with ``fill``."""
-    if fill == 0.0:
-        return bk.unpack(t, state.cu_seqlens, state.max_seqlen)
-    return bk.unpack(t - fill, state.cu_seqlens, state.max_seqlen) + fill
+def _pad_packed(t: Tensor, state: PruneState) -> Tensor:
+    """Packed [total, ...] -> zero-padded [B, max_seqlen, ...]."""
+    return bk.unpack(t, state.cu_seqlens, state.max_seqlen)
 
 
 def _valid_mask(state: PruneState) -> Tensor:
@@ -130,8 +128,7 @@ class TSPS(nn.Module):
             return self._forward_packed(x, q, k, attn, norm1, state)
         B, N, D = x.shape
         n = N - P
-        q_img = q
-        qg, q_mask = self._queries(attn, norm1, state, q_img)
+        qg, q_mask = self._queries(attn, norm1, state, q)
         scores = bk.relevance_scores(qg, k[:, :, P:].contiguous(), scale=attn.scale, q_mask=q_mask)
         ids = state.patch_ids if state.patch_ids is not None else self._initial_ids(B, N, P, x.device)
         sizes = state.sizes if state.sizes is not None else torch.ones(B, N, device=x.device)
@@ -155,7 +152,7 @@ class TSPS(nn.Module):
         k_pad = _pad_packed(k, state).transpose(1, 2)
         qg, q_mask = self._queries(attn, norm1, state, q_pad)
         scores = self._masked_relevance(qg, k_pad[:, :, P:], q_mask, valid[:, P:], attn.scale)
-        ids = _pad_packed(state.patch_ids + 1, state) - 1
+        ids = _pad_packed(state.patch_ids + 1, state) - 1  # padding rows get id -1
         sizes = _pad_packed(state.sizes, state)
         self._record(x_pad[:, P:], scores, ids[:, P:], state)
         if self.mass is None:
