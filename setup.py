@@ -5,6 +5,7 @@
 Environment:
     BUS_KERNELS_SKIP_EXT=1   pure-Python install (backends "torch" and "triton" only)
     FORCE_CUDA=1             build the CUDA kernels even if torch/nvcc detection says no
+    BUS_KERNELS_CPU_ONLY=1   build only the C++ CPU kernels (faster local iteration)
     TORCH_CUDA_ARCH_LIST     default "8.0;9.0" when no GPU is visible
     MAX_JOBS                 parallel ninja jobs
 """
@@ -33,8 +34,9 @@ def _extensions():
 
     sources = rel("csrc/bus_kernels.cpp") + rel("csrc/cpu/*.cpp")
     cxx = ["-O3"]
-    with_cuda = os.environ.get("FORCE_CUDA", "0") == "1" or (
-        torch.version.cuda is not None and CUDA_HOME is not None
+    with_cuda = os.environ.get("BUS_KERNELS_CPU_ONLY", "0") != "1" and (
+        os.environ.get("FORCE_CUDA", "0") == "1"
+        or (torch.version.cuda is not None and CUDA_HOME is not None)
     )
     if with_cuda:
         if not torch.cuda.is_available():

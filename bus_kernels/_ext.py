@@ -45,6 +45,24 @@ def cuda_compiled() -> bool:
     return _CUDA_COMPILED
 
 
+def kernels(op: str) -> tuple[str, ...]:
+    """The compiled backends (``"cpu"``, ``"cuda"``) that registered a kernel for ``op``.
+
+    Read from the dispatcher, so a schema without a kernel for a device never counts.
+    """
+    if _error is not None:
+        return ()
+    name = f"{NAMESPACE}::{op}"
+    try:
+        return tuple(
+            backend
+            for backend, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+            if torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
+        )
+    except RuntimeError:  # a stale build without this op's schema
+        return ()
+
+
 def load_error() -> Optional[str]:
     """Why the extension could not be loaded, or None."""
     return _error

@@ -15,4 +15,36 @@ TORCH_LIBRARY(bus_kernels_C, m) {
   m.def("pack(Tensor x, Tensor cu_seqlens, int total) -> Tensor");
   // packed [total, ...] -> zero-padded [B, max_seqlen, ...].
   m.def("unpack(Tensor packed, Tensor cu_seqlens, int max_seqlen) -> Tensor");
+
+  // The ops below mirror bus_kernels.ops.* (same arguments, minus `backend`); outputs follow the
+  // references in bus_kernels/reference: dtypes, shapes and the contract's tie-break.
+  // fuse is "none" | "sum" | "mean"; order is "index" | "score".
+  // q [B,H,T,d], k [B,H,N,d] -> (scores fp32 [B,N], lse fp32 [B,H,T]).
+  m.def("relevance_scores(Tensor q, Tensor k, float scale, Tensor? q_mask) -> (Tensor, Tensor)");
+  m.def(
+      "relevance_scores_backward(Tensor grad, Tensor q, Tensor k, Tensor lse, float scale, "
+      "Tensor? q_mask) -> (Tensor, Tensor)");
+  // x [B,N,D], scores [B,N-P] -> (tokens [B,P+k+(fuse!=none),D], indices int64 [B,k]).
+  m.def(
+      "select_tokens(Tensor x, Tensor scores, int k, int num_prefix, str fuse, str order) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "select_tokens_backward(Tensor grad, Tensor x, Tensor scores, Tensor indices, int num_prefix, "
+      "str fuse) -> (Tensor, Tensor)");
+  // keep int64 [B], cu_seqlens int32 [B+1] -> (tokens [total,D], indices int64 [keep.sum()]).
+  m.def(
+      "select_tokens_varlen(Tensor x, Tensor scores, Tensor keep, Tensor cu_seqlens, int total, "
+      "int num_prefix, str fuse) -> (Tensor, Tensor)");
+  m.def(
+      "select_tokens_varlen_backward(Tensor grad, Tensor x, Tensor scores, Tensor indices, "
+      "Tensor keep, Tensor cu_seqlens, int num_prefix, str fuse) -> (Tensor, Tensor)");
+  // q, k, v [total,H,d] -> (out [total,H,d], lse fp32 [total,H]); the backward returns
+  // (dq, dk, dv, d key_bias), the last an empty [0] tensor when key_bias is None.
+  m.def(
+      "varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, "
+      "float scale, bool causal, Tensor? key_bias) -> (Tensor, Tensor)");
+  m.def(
+      "varlen_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, Tensor cu_seqlens, int max_seqlen, float scale, bool causal, "
+      "Tensor? key_bias) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -31,6 +31,14 @@ TOL = {
 }
 
 ALL_BACKENDS = _backend.BACKENDS
+# The non-reference backends; kernel tests run once per entry and skip where one cannot run.
+FUSED = ("triton", "cpu", "cuda")
+
+
+@pytest.fixture(params=FUSED)
+def fused(request):
+    """Each fused backend in turn (tests call ``require_backend(fused, IMPLEMENTED)``)."""
+    return request.param
 
 
 def device_for(backend: str) -> torch.device:

@@ -6,10 +6,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _backend, reference
+from .. import _backend, _ext, reference
 from ._common import ANY_FLOAT, check_tensor
 
-IMPLEMENTED = ("torch", "triton")
+IMPLEMENTED = ("torch", "triton") + _ext.kernels("relevance_scores")
 
 
 def _forward_impl(q, k, scale, q_mask, backend):
@@ -17,6 +17,8 @@ def _forward_impl(q, k, scale, q_mask, backend):
         from ..triton.relevance import relevance_scores_forward
 
         return relevance_scores_forward(q, k, scale, q_mask)
+    if backend in ("cpu", "cuda"):
+        return tuple(_ext.ops().relevance_scores(q.contiguous(), k.contiguous(), scale, q_mask))
     return reference.relevance_scores(q, k, scale, q_mask)
 
 
@@ -25,6 +27,10 @@ def _backward_impl(grad, q, k, lse, scale, q_mask, backend):
         from ..triton.relevance import relevance_scores_backward
 
         return relevance_scores_backward(grad, q, k, lse, scale, q_mask)
+    if backend in ("cpu", "cuda"):
+        return tuple(
+            _ext.ops().relevance_scores_backward(grad, q.contiguous(), k.contiguous(), lse, scale, q_mask)
+        )
     return reference.relevance_scores_backward(grad, q, k, scale, q_mask)
 
 

@@ -7,10 +7,10 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from .. import _backend, reference
+from .. import _backend, _ext, reference
 from ._common import ANY_FLOAT, check_finite, check_fuse, check_int, check_tensor
 
-IMPLEMENTED = ("torch", "triton")
+IMPLEMENTED = ("torch", "triton") + _ext.kernels("select_tokens")
 # Longest row the Triton rank kernel holds in registers (bus_kernels.triton.select.MAX_BLOCK_N);
 # "auto" passes longer rows to another backend, an explicit "triton" says why it cannot.
 TRITON_MAX_N = 4096
@@ -39,6 +39,8 @@ def _forward_impl(x, scores, k, num_prefix, fuse, order, backend):
         from ..triton.select import select_tokens_forward
 
         return select_tokens_forward(x, scores, k, num_prefix, fuse, order)
+    if backend in ("cpu", "cuda"):
+        return tuple(_ext.ops().select_tokens(x.contiguous(), scores.contiguous(), k, num_prefix, fuse, order))
     return reference.select_tokens(x, scores, k, num_prefix, fuse, order)
 
 
@@ -47,6 +49,10 @@ def _backward_impl(grad, x, scores, indices, num_prefix, fuse, backend):
         from ..triton.select import select_tokens_backward
 
         return select_tokens_backward(grad, x, scores, indices, num_prefix, fuse)
+    if backend in ("cpu", "cuda"):
+        return tuple(
+            _ext.ops().select_tokens_backward(grad, x.contiguous(), scores.contiguous(), indices, num_prefix, fuse)
+        )
     return reference.select_tokens_backward(grad, x, scores, indices, num_prefix, fuse)
 
 

@@ -7,11 +7,11 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .. import _backend, reference
+from .. import _backend, _ext, reference
 from ._common import check_finite, check_fuse, check_int, check_tensor
 from .select import check_select_inputs, implemented_for
 
-IMPLEMENTED = ("torch", "triton")
+IMPLEMENTED = ("torch", "triton") + _ext.kernels("select_tokens_varlen")
 
 
 class VarlenSelection(NamedTuple):
@@ -52,6 +52,12 @@ def _forward_impl(x, scores, keep, cu_seqlens, total, num_prefix, fuse, backend)
         return select_tokens_varlen_forward(
             x, scores, keep, cu_seqlens, total, num_prefix, fuse
         )
+    if backend in ("cpu", "cuda"):
+        return tuple(
+            _ext.ops().select_tokens_varlen(
+                x.contiguous(), scores.contiguous(), keep.contiguous(), cu_seqlens, total, num_prefix, fuse
+            )
+        )
     return reference.select_tokens_varlen(x, scores, keep, cu_seqlens, total, num_prefix, fuse)
 
 
@@ -61,6 +67,12 @@ def _backward_impl(grad, x, scores, indices, keep, cu_seqlens, num_prefix, fuse,
 
         return select_tokens_varlen_backward(
             grad, x, scores, indices, keep, cu_seqlens, num_prefix, fuse
+        )
+    if backend in ("cpu", "cuda"):
+        return tuple(
+            _ext.ops().select_tokens_varlen_backward(
+                grad, x.contiguous(), scores.contiguous(), indices, keep.contiguous(), cu_seqlens, num_prefix, fuse
+            )
         )
     return reference.select_tokens_varlen_backward(grad, x, scores, indices, keep, cu_seqlens, num_prefix, fuse)
 

@@ -6,10 +6,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _backend, reference
+from .. import _backend, _ext, reference
 from ._common import ANY_FLOAT, check_cu_seqlens, check_cu_seqlens_meta, check_int, check_tensor
 
-IMPLEMENTED = ("torch", "triton")
+IMPLEMENTED = ("torch", "triton") + _ext.kernels("varlen_attention")
 
 
 def _forward_impl(q, k, v, cu_seqlens, max_seqlen, scale, causal, key_bias, backend):
@@ -17,6 +17,10 @@ def _forward_impl(q, k, v, cu_seqlens, max_seqlen, scale, causal, key_bias, back
         from ..triton.varlen_attention import varlen_attention_forward
 
         return varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, scale, causal, key_bias)
+    if backend in ("cpu", "cuda"):
+        q, k, v = (t.contiguous() for t in (q, k, v))
+        bias = None if key_bias is None else key_bias.contiguous()
+        return tuple(_ext.ops().varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, causal, bias))
     return reference.varlen_attention(q, k, v, cu_seqlens, scale, causal, key_bias)
 
 
@@ -28,6 +32,14 @@ def _backward_impl(grad, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causa
             grad, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal, key_bias
         )
         return dq, dk, dv, _no_bias_grad(q) if dbias is None else dbias
+    if backend in ("cpu", "cuda"):
+        q, k, v, out = (t.contiguous() for t in (q, k, v, out))
+        bias = None if key_bias is None else key_bias.contiguous()
+        return tuple(
+            _ext.ops().varlen_attention_backward(
+                grad, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal, bias
+            )
+        )
     dq, dk, dv, dbias = reference.varlen_attention_backward(grad, q, k, v, cu_seqlens, scale, causal, key_bias)
     return dq, dk, dv, _no_bias_grad(q) if dbias is None else dbias
 

@@ -1,4 +1,4 @@
-"""``varlen_attention`` on the Triton backend: forward and backward against the reference
+"""``varlen_attention`` on the fused backends (Triton, compiled CPU and CUDA): forward and backward against the reference
 (``backend="torch"``) and against per-sequence ``scaled_dot_product_attention`` in float64.
 
 Sizes are small: without a GPU these run through the Triton interpreter.
@@ -23,8 +23,8 @@ LOW_GRAD_TOL = {torch.float16: 1e-2, torch.bfloat16: 4e-2}
 
 
 @pytest.fixture
-def device():
-    return require_backend("triton", IMPLEMENTED)
+def device(fused):
+    return require_backend(fused, IMPLEMENTED)
 
 
 def _cu(lens, device):
@@ -80,13 +80,13 @@ CASES = [
 
 
 @pytest.mark.parametrize("dtype,d,causal,bias_mode", CASES, ids=lambda x: str(x).replace("torch.", ""))
-def test_matches_reference(device, gen, dtype, d, causal, bias_mode):
+def test_matches_reference(fused, device, gen, dtype, d, causal, bias_mode):
     # lengths 0 and 1, one longer than a tile, max_seqlen larger than needed
     lens = [3, 0, 1, 70, 17]
     cu = _cu(lens, device)
     q, k, v, kb, grad = _inputs(gen, lens, 2, d, dtype, bias_mode, device)
     want = _run("torch", q, k, v, kb, grad, cu, max(lens) + 9, causal)
-    got = _run("triton", q, k, v, kb, grad, cu, max(lens) + 9, causal)
+    got = _run(fused, q, k, v, kb, grad, cu, max(lens) + 9, causal)
     for name, g, w in zip(NAMES, got, want):
         assert g.dtype == w.dtype and g.shape == w.shape, name
         _assert_close(g, w, dtype, name)
@@ -94,12 +94,12 @@ def test_matches_reference(device, gen, dtype, d, causal, bias_mode):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("d", [16, 40, 64])
-def test_matches_sdpa_float64(device, gen, d, causal):
+def test_matches_sdpa_float64(fused, device, gen, d, causal):
     lens = [5, 1, 0, 66, 30]
     cu = _cu(lens, device)
     q, k, v, _, grad = _inputs(gen, lens, 3, d, torch.float32, None, device)
     scale = 0.3
-    got = _run("triton", q, k, v, None, grad, cu, 100, causal, scale=scale)
+    got = _run(fused, q, k, v, None, grad, cu, 100, causal, scale=scale)
 
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     outs = []
@@ -112,7 +112,7 @@ def test_matches_sdpa_float64(device, gen, d, causal):
         torch.testing.assert_close(g.double(), w, **TOL[torch.float32], msg=lambda m: f"{name}: {m}")
 
 
-def test_strided_inputs_and_scale(device, gen):
+def test_strided_inputs_and_scale(fused, device, gen):
     """q, k, v as views of a packed qkv tensor (non-contiguous token stride), custom scale."""
     lens = [9, 20]
     cu = _cu(lens, device)
@@ -121,14 +121,14 @@ def test_strided_inputs_and_scale(device, gen):
     kb = torch.randn(sum(lens), 2, generator=gen).to(device).t().contiguous().t().requires_grad_()  # column-major
     q, k, v = qkv.unbind(1)
     res = {}
-    for backend in ("torch", "triton"):
+    for backend in ("torch", fused):
         out = bus_kernels.varlen_attention(q, k, v, cu, 20, scale=0.2, key_bias=kb, backend=backend)
         res[backend] = [out] + list(torch.autograd.grad(out, (qkv, kb), grad))
-    for name, g, w in zip(("out", "dqkv", "dbias"), res["triton"], res["torch"]):
+    for name, g, w in zip(("out", "dqkv", "dbias"), res[fused], res["torch"]):
         torch.testing.assert_close(g, w, **TOL[torch.float32], msg=lambda m: f"{name}: {m}")
 
 
-def test_masked_rows_give_zeros(device, gen):
+def test_masked_rows_give_zeros(fused, device, gen):
     """A -inf key bias on every key of a sequence leaves its queries nothing: zeros, finite grads."""
     lens = [4, 6, 1]
     cu = _cu(lens, device)
@@ -139,7 +139,7 @@ def test_masked_rows_give_zeros(device, gen):
     bias = bias.requires_grad_()
     for causal in (False, True):
         want = _run("torch", q, k, v, bias, grad, cu, 6, causal)
-        got = _run("triton", q, k, v, bias, grad, cu, 6, causal)
+        got = _run(fused, q, k, v, bias, grad, cu, 6, causal)
         assert torch.equal(got[0][4:10], torch.zeros_like(got[0][4:10]))
         if causal:  # query 0 of sequence 0 sees only key 0, which head 0 masks
             assert torch.equal(got[0][0, 0], torch.zeros_like(got[0][0, 0]))
@@ -148,11 +148,11 @@ def test_masked_rows_give_zeros(device, gen):
             torch.testing.assert_close(g, w, **TOL[torch.float32], msg=lambda m: f"{name}: {m}")
 
 
-def test_empty_and_degenerate(device, gen):
+def test_empty_and_degenerate(fused, device, gen):
     """No tokens at all; and only length-0/1 sequences (a query attends just itself)."""
     cu = _cu([0, 0], device)
     q = torch.zeros(0, 2, 8, device=device, requires_grad=True)
-    out = bus_kernels.varlen_attention(q, q, q, cu, 0, backend="triton")
+    out = bus_kernels.varlen_attention(q, q, q, cu, 0, backend=fused)
     assert out.shape == (0, 2, 8)
     (dq,) = torch.autograd.grad(out.sum(), q)
     assert dq.shape == (0, 2, 8)
@@ -160,31 +160,31 @@ def test_empty_and_degenerate(device, gen):
     lens = [1, 0, 1, 1]
     cu = _cu(lens, device)
     q, k, v, kb, grad = _inputs(gen, lens, 2, 8, torch.float32, "per_key", device)
-    got = _run("triton", q, k, v, kb, grad, cu, 5, False)
+    got = _run(fused, q, k, v, kb, grad, cu, 5, False)
     torch.testing.assert_close(got[0], v.detach(), **TOL[torch.float32])  # softmax over one key is 1
     for g in (got[1], got[4]):  # dq = 0 and d bias = 0, up to rounding of P = 1
         torch.testing.assert_close(g, torch.zeros_like(g), **TOL[torch.float32])
     torch.testing.assert_close(got[3], grad, **TOL[torch.float32])  # dv = upstream grad
 
 
-def test_lse_matches_reference(device, gen):
+def test_lse_matches_reference(fused, device, gen):
     from bus_kernels.ops.varlen_attention import _attn_op
 
     lens = [7, 0, 40]
     cu = _cu(lens, device)
     q, k, v, kb, _ = _inputs(gen, lens, 2, 32, torch.float32, "per_head", device)
     for causal in (False, True):
-        _, lse_t = _attn_op(q, k, v, cu, 48, 32**-0.5, causal, kb, "triton")
+        _, lse_t = _attn_op(q, k, v, cu, 48, 32**-0.5, causal, kb, fused)
         _, lse_r = _attn_op(q, k, v, cu, 48, 32**-0.5, causal, kb, "torch")
         assert lse_t.dtype == torch.float32 and lse_t.shape == (sum(lens), 2)
         torch.testing.assert_close(lse_t, lse_r, **TOL[torch.float32])
         assert math.isfinite(lse_t.sum().item())
 
 
-def test_opcheck(device, gen):
+def test_opcheck(fused, device, gen):
     """The custom op on the Triton backend passes torch.library.opcheck (schema, fake, autograd)."""
     from bus_kernels.ops.varlen_attention import _attn_op
 
     cu = _cu([3, 0, 5], device)
     q, k, v, kb, _ = _inputs(gen, [3, 0, 5], 2, 16, torch.float32, "per_key", device)
-    torch.library.opcheck(_attn_op, (q, k, v, cu, 6, 0.25, True, kb, "triton"))
+    torch.library.opcheck(_attn_op, (q, k, v, cu, 6, 0.25, True, kb, fused))

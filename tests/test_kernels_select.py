@@ -1,7 +1,8 @@
-"""Triton ``select_tokens`` / ``select_tokens_varlen`` vs the reference, forward and backward.
+"""Fused ``select_tokens`` / ``select_tokens_varlen`` (every backend in ``FUSED``: Triton, the
+compiled CPU and CUDA kernels) vs the reference, forward and backward.
 
-Without a GPU these run through the Triton interpreter (conftest sets TRITON_INTERPRET=1), so the
-shapes are small; they still cover odd N, one-row batches, k = 1 and k = n, 0/1/2 prefix tokens,
+Without a GPU the Triton kernels run through the interpreter (conftest sets TRITON_INTERPRET=1) and
+the CUDA ones skip, so the shapes are small; they still cover odd N, one-row batches, k = 1 and k = n, 0/1/2 prefix tokens,
 ties (scores from a few integers, with -0.0 next to +0.0), every fuse mode, both orders, the three
 dtypes, per-row keep counts including 0 and n, mass=, and the split fused-token reduction.
 Indices are compared exactly, values with the suite's tolerance table.
@@ -61,13 +62,13 @@ SELECT_CASES = [
 
 
 @pytest.mark.parametrize("B,N,D,P,keep,fuse,order,dtype,ties", SELECT_CASES)
-def test_select_tokens_matches_reference(gen, B, N, D, P, keep, fuse, order, dtype, ties):
-    device = require_backend("triton", select_op.IMPLEMENTED)
+def test_select_tokens_matches_reference(fused, gen, B, N, D, P, keep, fuse, order, dtype, ties):
+    device = require_backend(fused, select_op.IMPLEMENTED)
     dtype, sdtype = (DTYPES[d] for d in (dtype + "/" + dtype).split("/")[:2])
     x = torch.randn(B, N, D, generator=gen).to(dtype).to(device)
     scores = _scores(gen, B, N - P, ties, sdtype).to(device)
     kw = dict(num_prefix=P, fuse=fuse, order=order)
-    (tok, idx), xt, st = _run_select("triton", x, scores, keep, **kw)
+    (tok, idx), xt, st = _run_select(fused, x, scores, keep, **kw)
     (ref, ridx), xr, sr = _run_select("torch", x, scores, keep, **kw)
     assert idx.dtype == torch.int64 and torch.equal(idx, ridx)
     assert tok.dtype == dtype and tok.shape == ref.shape
@@ -96,12 +97,12 @@ def test_fused_token_split_reduction(gen, monkeypatch, target, fuse):
     _close(tok, ref, torch.float32, "tokens")
 
 
-def test_mean_with_zero_dropped_sum(gen):
+def test_mean_with_zero_dropped_sum(fused, gen):
     """fuse='mean' gives a zero token (and zero score gradients) when the dropped scores sum to 0."""
-    device = require_backend("triton", select_op.IMPLEMENTED)
+    device = require_backend(fused, select_op.IMPLEMENTED)
     x = torch.randn(2, 9, 16, generator=gen).to(device)
     scores = torch.tensor([[5.0, 0, 0, 0, 0, 0, 0, 0], [1.0, -2.0, 3.0, 2.0, 0, 0, 0, 0]], device=device)
-    (tok, idx), xt, st = _run_select("triton", x, scores, 1, fuse="mean")
+    (tok, idx), xt, st = _run_select(fused, x, scores, 1, fuse="mean")
     (ref, ridx), xr, sr = _run_select("torch", x, scores, 1, fuse="mean")
     assert torch.equal(idx, ridx)
     assert torch.count_nonzero(tok[0, -1]) == 0
@@ -131,8 +132,8 @@ VARLEN_CASES = [
 
 
 @pytest.mark.parametrize("B,N,D,P,keep,fuse,dtype,ties", VARLEN_CASES)
-def test_select_tokens_varlen_matches_reference(gen, B, N, D, P, keep, fuse, dtype, ties):
-    device = require_backend("triton", varlen_op.IMPLEMENTED)
+def test_select_tokens_varlen_matches_reference(fused, gen, B, N, D, P, keep, fuse, dtype, ties):
+    device = require_backend(fused, varlen_op.IMPLEMENTED)
     dtype = DTYPES[dtype]
     x = torch.randn(B, N, D, generator=gen).to(dtype).to(device)
     scores = _scores(gen, B, N - P, ties, dtype).to(device)
@@ -140,7 +141,7 @@ def test_select_tokens_varlen_matches_reference(gen, B, N, D, P, keep, fuse, dty
         kw = dict(mass=keep, num_prefix=P, fuse=fuse)
     else:
         kw = dict(keep=torch.tensor(keep, dtype=torch.int64, device=device), num_prefix=P, fuse=fuse)
-    out, xt, st = _run_varlen("triton", x, scores, **kw)
+    out, xt, st = _run_varlen(fused, x, scores, **kw)
     ref, xr, sr = _run_varlen("torch", x, scores, **kw)
     assert torch.equal(out.keep, ref.keep) and torch.equal(out.cu_seqlens, ref.cu_seqlens)
     assert out.max_seqlen == ref.max_seqlen
@@ -174,14 +175,14 @@ def test_auto_sends_rows_longer_than_the_rank_kernel_elsewhere():
     assert "triton" in implemented_for(("torch", "triton"), MAX_BLOCK_N, "auto")
 
 
-def test_mean_gradient_finite_for_tiny_dropped_sum():
-    device = require_backend("triton", select_op.IMPLEMENTED)
+def test_mean_gradient_finite_for_tiny_dropped_sum(fused):
+    device = require_backend(fused, select_op.IMPLEMENTED)
     x = (torch.randn(1, 5, 3, device=device) * 1e-3).requires_grad_()
     s = torch.tensor([[1.0, 4e-40, 0.0, 6e-40]], device=device, requires_grad=True)
     grads = {}
-    for backend in ("triton", "torch"):
+    for backend in (fused, "torch"):
         tok = bus_kernels.select_tokens(x, s, 1, fuse="mean", backend=backend).tokens
         grads[backend] = torch.autograd.grad(tok.sum(), (x, s))
-    for a, b in zip(grads["triton"], grads["torch"]):
+    for a, b in zip(grads[fused], grads["torch"]):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, **TOL[torch.float32])

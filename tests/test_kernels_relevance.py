@@ -1,4 +1,5 @@
-"""Triton relevance_scores (interpreter on CPU, real kernels on a GPU) against the reference."""
+"""Fused relevance_scores (Triton: interpreter on CPU, real kernels on a GPU; compiled CPU and
+CUDA kernels) against the reference."""
 import importlib
 
 import pytest
@@ -28,10 +29,10 @@ def _inputs(B, H, T, N, d, dtype, device, masked, seed=0):
 )
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_forward_backward_match_reference(B, H, T, N, d, masked, dtype):
-    device = require_backend("triton", IMPLEMENTED)
+def test_forward_backward_match_reference(fused, B, H, T, N, d, masked, dtype):
+    device = require_backend(fused, IMPLEMENTED)
     q, k, q_mask = _inputs(B, H, T, N, d, dtype, device, masked)
-    s = bk.relevance_scores(q, k, q_mask=q_mask, backend="triton")
+    s = bk.relevance_scores(q, k, q_mask=q_mask, backend=fused)
     s_ref = bk.relevance_scores(q, k, q_mask=q_mask, backend="torch")
     assert s.dtype == torch.float32 and s.shape == (B, N)
     # Scores are fp32 from either backend; low-precision inputs differ only by dot rounding.
@@ -44,10 +45,10 @@ def test_forward_backward_match_reference(B, H, T, N, d, masked, dtype):
     torch.testing.assert_close(dk, dk_ref, **TOL[dtype])
 
 
-def test_large_logits_are_stable():
-    device = require_backend("triton", IMPLEMENTED)
+def test_large_logits_are_stable(fused):
+    device = require_backend(fused, IMPLEMENTED)
     q, k, _ = _inputs(2, 2, 3, 50, 16, torch.float32, device, False)
-    s = bk.relevance_scores(q * 40, k * 40, scale=1.0, backend="triton")
+    s = bk.relevance_scores(q * 40, k * 40, scale=1.0, backend=fused)
     s_ref = bk.relevance_scores(q * 40, k * 40, scale=1.0, backend="torch")
     assert torch.isfinite(s).all()
     torch.testing.assert_close(s, s_ref, **TOL[torch.float32])
