@@ -103,7 +103,7 @@ def plots(data: dict, outdir: Path) -> list[Path]:
     res = {}
     for name, v in pts.items():
         model, _, r = name.partition("@")
-        if model in ("bus", "baseline") and r.isdigit():
+        if model in ("bus", "baseline", "bus-keep0.5") and r.isdigit():
             res.setdefault(model, []).append((int(r), v))
     if len(res.get("bus", [])) >= 2 or len(res.get("baseline", [])) >= 2:
         fig, ax = plt.subplots(figsize=(5, 3.5))

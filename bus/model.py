@@ -8,9 +8,12 @@ encoder (self-attention over the text, cross-attention to the image summary). Lo
 ``BaselineModel`` is the same model without TSPS and PAD: the fusion encoder attends to every
 ViT token. Both are built from one :class:`BUSConfig`, so comparisons are like for like.
 
-Evaluation never lets a caption guide the pruning of the image it is scored against: image
-embeddings for retrieval come from the text-free (CLS-guided) forward; :meth:`itm_scores`
-(re-ranking) may use text guidance.
+``BUSConfig.guidance`` picks what steers TSPS in training: ``"image"`` (default) the image [CLS]
+query, one ViT pass for every loss, with the captions teaching the selector through PTM; or
+``"text"``, each caption guiding its own image (TRIPS-style), plus a second, CLS-guided pass for
+the retrieval embedding. Evaluation never lets a caption guide the pruning of the image it is
+scored against: retrieval embeddings come from the text-free (CLS-guided) forward;
+:meth:`itm_scores` (re-ranking) guides as training did.
 """
 from __future__ import annotations
 
@@ -52,9 +55,13 @@ class BUSConfig:
     w_itm: float = 1.0
     w_ptm: float = 1.0
     w_lm: float = 1.0
-    # ITC on the text-free (CLS-guided) image embedding that retrieval evaluation uses. With TSPS,
-    # the other losses see images pruned under their own caption (TRIPS-style), so without this
-    # term the evaluated embedding is never trained. Costs one more (pruned) ViT pass per step.
+    # What guides TSPS in training. "image": the image [CLS] query of each pruning block, in every
+    # pass, so one ViT pass serves ITC, ITM, LM and PTM, and training sees the same pruning as
+    # text-free retrieval; the caption shapes the selector through PTM (patch-text matching
+    # labels). "text": each caption guides its own image (TRIPS-style) for ITC/ITM/LM.
+    guidance: str = "image"
+    # guidance="text" only: ITC also on the text-free (CLS-guided) embedding that retrieval uses;
+    # without it that embedding is never trained. Costs one more (pruned) ViT pass per step.
     itc_text_free: float = 1.0
     temperature: float = 0.07
 
@@ -104,6 +111,8 @@ class BUSModel(nn.Module):
         import timm
         from transformers import BertConfig, BertModel
 
+        if config.guidance not in ("image", "text"):
+            raise ValueError(f"BUSConfig.guidance={config.guidance!r} must be 'image' or 'text'")
         self.config, self.bus = config, bus
         self.vision = timm.create_model(config.vit, pretrained=False, num_classes=0, img_size=config.img_size,
                                         **config.vit_kwargs)
@@ -160,7 +169,8 @@ class BUSModel(nn.Module):
     def itm_scores(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Match probability [B] of each (image, caption) pair; the caption guides the pruning."""
         text = self.encode_text(input_ids, attention_mask)
-        tokens, pad = self.encode_image(images, text=text[:, 0])
+        guide = text[:, 0] if self.config.guidance == "text" else None  # as in training
+        tokens, pad = self.encode_image(images, text=guide)
         mem, mem_pad = self.image_memory(tokens, pad)
         fused = self.fusion(text, attention_mask == 0, mem, mem_pad)
         return self.itm_head(fused[:, 0]).softmax(dim=-1)[:, 1]
@@ -172,10 +182,11 @@ class BUSModel(nn.Module):
         text = self.encode_text(ids, am)
         text_cls = text[:, 0]
         free_emb = None
-        if self.use_tsps and self.config.itc_text_free > 0:  # before the guided pass: PTM reads its state
+        text_guided = self.use_tsps and self.config.guidance == "text"
+        if text_guided and self.config.itc_text_free > 0:  # before the guided pass: PTM reads its state
             free_emb = F.normalize(self.vision_proj(self.encode_image(images)[0][:, 0]).float(), dim=-1)
-        # Training lets each caption guide its own image (TRIPS); evaluation never does.
-        tokens, pad = self.encode_image(images, text=text_cls if self.use_tsps else None)
+        # guidance="text" lets each caption guide its own image (TRIPS) in training; evaluation never does.
+        tokens, pad = self.encode_image(images, text=text_cls if text_guided else None)
         img_emb = F.normalize(self.vision_proj(tokens[:, 0]).float(), dim=-1)
         txt_emb = F.normalize(self.text_proj(text_cls).float(), dim=-1)
         scale = self.logit_scale.exp().clamp(max=100.0)

@@ -92,6 +92,7 @@ class TrainConfig:
     warmup_steps: Optional[int] = None  # None: 5% of steps
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
+    guidance: Optional[str] = None
     itc_text_free: Optional[float] = None
     precision: str = "fp32"  # fp32 | bf16 | fp16
     seed: int = 0
@@ -171,6 +172,8 @@ class TrainConfig:
             over["keep"] = self.keep
         if self.mass is not None:
             over["mass"] = self.mass
+        if self.guidance is not None:
+            over["guidance"] = self.guidance
         if self.itc_text_free is not None:
             over["itc_text_free"] = self.itc_text_free
         over["vocab_size"] = vocab_size
@@ -219,9 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-steps", type=int, help="linear warmup steps before the cosine decay (default 5%%)")
     g.add_argument("--min-lr-ratio", type=float, help="final lr as a fraction of the peak")
     g.add_argument("--grad-clip", type=float, help="gradient norm clip (0 = off)")
+    g.add_argument("--guidance", choices=["image", "text"],
+                   help="what guides TSPS in training (BUSConfig.guidance, default image: one ViT "
+                        "pass, the image [CLS]; text: each caption guides its own image)")
     g.add_argument("--itc-text-free", type=float, metavar="W",
-                   help="weight of the ITC loss on the text-free (CLS-guided) image embedding that "
-                        "retrieval evaluation uses (BUSConfig.itc_text_free, default 1; BUS only)")
+                   help="guidance=text: weight of the ITC loss on the text-free (CLS-guided) image "
+                        "embedding that retrieval evaluation uses (BUSConfig.itc_text_free, default 1)")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="torch.autocast dtype")
     g.add_argument("--seed", type=int, help="seed of init, data order, dropout and ITM negatives")
     g = p.add_argument_group("evaluation, logging, checkpoints")

@@ -138,23 +138,42 @@ def test_pad_shapes_and_padding_mask():
 
 @pytest.mark.parametrize("bus_model", [True, False])
 @pytest.mark.parametrize("mass", [None, 0.7])
-def test_bus_model_losses_reach_every_parameter(bus_model, mass):
+@pytest.mark.parametrize("guidance", ["image", "text"])
+def test_bus_model_losses_reach_every_parameter(bus_model, mass, guidance):
     pytest.importorskip("transformers")
     from bus.model import BUSConfig, BUSModel
 
+    if guidance == "text" and not bus_model:
+        pytest.skip("the baseline has no selector to guide")
     torch.manual_seed(0)
-    model = BUSModel(BUSConfig.tiny(vocab_size=40, mass=mass), bus=bus_model).train()
+    model = BUSModel(BUSConfig.tiny(vocab_size=40, mass=mass, guidance=guidance), bus=bus_model).train()
     ids = torch.randint(5, 40, (4, 7))
     ids[:, 0] = 2
     am = torch.ones(4, 7, dtype=torch.long)
     am[2, 4:] = 0
     batch = dict(images=images(4), input_ids=ids, attention_mask=am, patch_labels=(torch.rand(4, 16) < 0.4).float())
+    vit_calls = []
+    orig = model.vision.forward_features
+    model.vision.forward_features = lambda *a, **kw: vit_calls.append(kw.get("text")) or orig(*a, **kw)
     losses = model(batch)
-    want = {"itc", "itm", "lm", "ptm", "loss"} | ({"itc_free"} if bus_model else set())
+    want = {"itc", "itm", "lm", "ptm", "loss"} | ({"itc_free"} if bus_model and guidance == "text" else set())
     assert want <= set(losses) and all(torch.isfinite(v) for v in losses.values())
+    # guidance="image": one text-free ViT pass per step; "text": a CLS-guided and a caption-guided one
+    if guidance == "image":
+        assert len(vit_calls) == 1 and vit_calls[0] is None
+    else:
+        assert len(vit_calls) == 2 and vit_calls[0] is None and vit_calls[1] is not None
     losses["loss"].backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing
     emb = model.image_embedding(images(4))
     assert emb.shape == (4, model.config.embed_dim)
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(4))
+
+
+def test_bus_config_rejects_unknown_guidance():
+    pytest.importorskip("transformers")
+    from bus.model import BUSConfig, BUSModel
+
+    with pytest.raises(ValueError, match="guidance='caption' must be 'image' or 'text'"):
+        BUSModel(BUSConfig.tiny(vocab_size=40, guidance="caption"))

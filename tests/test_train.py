@@ -37,7 +37,7 @@ def test_short_run_learns(tmp_path):
     val = 32
     summary = main(TINY + [
         "--out", out, "--steps", "600", "--batch-size", "16", "--lr", "2e-3", "--warmup-steps", "10",
-        "--train-samples", "1024", "--val-samples", str(val), "--max-objects", "1", "--itc-text-free", "1",
+        "--train-samples", "1024", "--val-samples", str(val), "--max-objects", "1",
         "--eval-every", "300", "--ckpt-every", "300", "--precision", "fp32", "--seed", "0",
     ])
     train = _records(out, "train")
