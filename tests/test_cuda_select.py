@@ -1,0 +1,298 @@
+"""The compiled CUDA kernels of select_tokens, select_tokens_varlen and relevance_scores.
+
+Complements tests/test_kernels_select.py and tests/test_kernels_relevance.py (which run their cases
+on every fused backend, "cuda" included) with what is specific to the CUDA kernels: rows longer
+than a thread block and than Triton's 4096-token limit, N not a power of two, k = 1 and k = n,
+ties including -0.0 next to +0.0, the scalar gather path (D * elem_size not a multiple of 16, or a
+misaligned data pointer), several D tiles, varlen keep 0 and n, direct ``torch.ops.bus_kernels_C``
+calls with malformed inputs, and bitwise reproducibility. Everything but the registration check
+needs a GPU and skips cleanly without one.
+"""
+import pytest
+import torch
+
+import bus_kernels as bk
+from bus_kernels import _ext
+from bus_kernels import reference as ref
+from conftest import TOL, require_backend
+
+OPS = (
+    "select_tokens",
+    "select_tokens_backward",
+    "select_tokens_varlen",
+    "select_tokens_varlen_backward",
+    "relevance_scores",
+    "relevance_scores_backward",
+)
+
+
+@pytest.mark.skipif(not _ext.compiled(), reason="extension not built")
+def test_cuda_ops_registered_when_built_with_cuda():
+    """Runs without a GPU: an extension built with CUDA registers a CUDA kernel for each op."""
+    if not _ext.cuda_compiled():
+        pytest.skip("extension built without CUDA")
+    for op in OPS:
+        assert "cuda" in _ext.kernels(op), f"no CUDA kernel registered for bus_kernels_C::{op}"
+
+
+gpu = pytest.mark.gpu
+
+
+@pytest.fixture
+def dev():
+    return require_backend("cuda", bk.ops.select.IMPLEMENTED)
+
+
+def _close(actual, expected, dtype, what):
+    torch.testing.assert_close(actual.float(), expected.float(), **TOL[dtype], msg=lambda m: f"{what}: {m}")
+
+
+def _scores(gen, B, n, kind, dtype):
+    if kind == "ties":  # few distinct values, -0.0 and +0.0 mixed
+        s = torch.randint(0, 3, (B, n), generator=gen).float()
+        flip = torch.rand(B, n, generator=gen) < 0.5
+        s = torch.where((s == 0) & flip, -0.0, s)
+    elif kind == "zeros":  # only +-0.0: the choice is the lowest indices
+        s = torch.where(torch.rand(B, n, generator=gen) < 0.5, -0.0, 0.0)
+    else:
+        s = torch.rand(B, n, generator=gen) + 0.05
+    return s.to(dtype)
+
+
+def _check_select(dev, gen, x, s, keep, **kw):
+    """select_tokens on 'cuda' vs 'torch': exact indices, tokens and both gradients within TOL."""
+    outs = {}
+    for backend in ("cuda", "torch"):
+        # detach (not clone): keeps x's storage offset, which the misaligned-pointer test needs
+        xt = x.detach().requires_grad_(True)
+        st = s.detach().requires_grad_(True)
+        tok, idx = bk.select_tokens(xt, st, keep, backend=backend, **kw)
+        outs[backend] = (tok, idx, xt, st)
+    (tok, idx, xt, st), (rtok, ridx, xr, sr) = outs["cuda"], outs["torch"]
+    assert idx.dtype == torch.int64 and torch.equal(idx, ridx)
+    assert tok.dtype == x.dtype and tok.shape == rtok.shape
+    _close(tok, rtok, x.dtype, "tokens")
+    grad = torch.randn(rtok.shape, generator=gen).to(x.dtype).to(dev)
+    gx, gs = torch.autograd.grad(tok, (xt, st), grad)
+    rgx, rgs = torch.autograd.grad(rtok, (xr, sr), grad)
+    assert gx.dtype == x.dtype and gs.dtype == s.dtype
+    _close(gx, rgx, x.dtype, "grad_x")
+    _close(gs, rgs, s.dtype, "grad_scores")
+
+
+# (B, N, D, num_prefix, keep, fuse, order, x dtype, scores dtype, scores kind)
+LONG_CASES = [
+    (2, 5001, 8, 1, 1, "sum", "index", torch.float32, torch.float32, "rand"),  # > 4096 tokens, k = 1
+    (2, 5001, 8, 1, 5000, "mean", "score", torch.float32, torch.float32, "ties"),  # k = n
+    (1, 4099, 16, 2, 2049, "mean", "score", torch.bfloat16, torch.float32, "ties"),  # many score-order tiles
+    (3, 1000, 24, 1, 333, "sum", "index", torch.float16, torch.float16, "ties"),
+    (2, 777, 64, 1, 300, None, "score", torch.bfloat16, torch.bfloat16, "rand"),
+    (2, 300, 8, 1, 150, "sum", "score", torch.float32, torch.float32, "zeros"),
+    (2, 257, 1024, 1, 64, "sum", "index", torch.bfloat16, torch.bfloat16, "rand"),  # several D tiles
+]
+
+
+@gpu
+@pytest.mark.parametrize("B,N,D,P,keep,fuse,order,dtype,sdtype,kind", LONG_CASES)
+def test_long_rows_ties_and_k_extremes(dev, gen, B, N, D, P, keep, fuse, order, dtype, sdtype, kind):
+    x = torch.randn(B, N, D, generator=gen).to(dtype).to(dev)
+    s = _scores(gen, B, N - P, kind, sdtype).to(dev)
+    _check_select(dev, gen, x, s, keep, num_prefix=P, fuse=fuse, order=order)
+
+
+@gpu
+@pytest.mark.parametrize(
+    "D,dtype",
+    [(36, torch.bfloat16), (20, torch.float16), (3, torch.float32), (1, torch.bfloat16), (7, torch.float32)],
+)
+@pytest.mark.parametrize("fuse", ["sum", "mean"])
+def test_scalar_gather_path(dev, gen, D, dtype, fuse):
+    """D * elem_size not a multiple of 16: element-wise loads and stores."""
+    x = torch.randn(3, 41, D, generator=gen).to(dtype).to(dev)
+    s = _scores(gen, 3, 40, "ties", torch.float32).to(dev)
+    _check_select(dev, gen, x, s, 11, fuse=fuse, order="score")
+
+
+@gpu
+def test_misaligned_pointer_takes_the_scalar_path(dev, gen):
+    """A contiguous x whose data pointer is not 16-byte aligned (storage offset of one element)."""
+    B, N, D = 2, 33, 16
+    flat = torch.randn(B * N * D + 1, generator=gen).to(torch.bfloat16).to(dev)
+    x = flat[1:].view(B, N, D)
+    assert x.is_contiguous() and x.data_ptr() % 16 != 0
+    s = _scores(gen, B, N - 1, "rand", torch.float32).to(dev)
+    _check_select(dev, gen, x, s, 9, fuse="mean")
+
+
+@gpu
+def test_non_contiguous_inputs(dev, gen):
+    x = torch.randn(2, 24, 37, generator=gen).to(dev).transpose(1, 2)  # [2, 37, 24], not contiguous
+    s = torch.rand(36, 2, generator=gen).to(dev).t()
+    _check_select(dev, gen, x, s, 10, fuse="sum", order="score")
+
+
+@gpu
+@pytest.mark.parametrize("fuse", ["sum", "mean", None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_varlen_keep_zero_and_all(dev, gen, fuse, dtype):
+    B, N, D, P = 5, 603, 36, 1
+    n = N - P
+    x = torch.randn(B, N, D, generator=gen).to(dtype).to(dev)
+    s = _scores(gen, B, n, "ties", dtype).to(dev)
+    keep = torch.tensor([0, n, 1, 0, 301], dtype=torch.int64, device=dev)
+    outs = {}
+    for backend in ("cuda", "torch"):
+        xt = x.detach().clone().requires_grad_(True)
+        st = s.detach().clone().requires_grad_(True)
+        outs[backend] = (bk.select_tokens_varlen(xt, st, keep=keep, num_prefix=P, fuse=fuse, backend=backend), xt, st)
+    (out, xt, st), (r, xr, sr) = outs["cuda"], outs["torch"]
+    assert torch.equal(out.cu_seqlens, r.cu_seqlens) and torch.equal(out.indices, r.indices)
+    _close(out.tokens, r.tokens, dtype, "tokens")
+    grad = torch.randn(r.tokens.shape, generator=gen).to(dtype).to(dev)
+    for a, b, what in zip(
+        torch.autograd.grad(out.tokens, (xt, st), grad), torch.autograd.grad(r.tokens, (xr, sr), grad), ("gx", "gs")
+    ):
+        _close(a, b, dtype, what)
+
+
+@gpu
+def test_select_is_bitwise_reproducible(dev, gen):
+    x = torch.randn(4, 2001, 40, generator=gen).to(dev)
+    s = _scores(gen, 4, 2000, "ties", torch.float32).to(dev)
+    g = None
+    results = []
+    for _ in range(2):
+        xt = x.detach().clone().requires_grad_(True)
+        st = s.detach().clone().requires_grad_(True)
+        tok, idx = bk.select_tokens(xt, st, 700, fuse="mean", order="score", backend="cuda")
+        if g is None:
+            g = torch.randn(tok.shape, generator=gen).to(dev)
+        results.append((tok, idx) + torch.autograd.grad(tok, (xt, st), g))
+        keep = torch.tensor([0, 2000, 5, 999], device=dev)
+        v = bk.select_tokens_varlen(x, s, keep=keep, fuse="sum", backend="cuda")
+        results[-1] += (v.tokens, v.indices)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@gpu
+def test_relevance_is_bitwise_reproducible(dev, gen):
+    q = torch.randn(2, 3, 11, 72, generator=gen).to(dev, torch.bfloat16).requires_grad_()
+    k = torch.randn(2, 3, 301, 72, generator=gen).to(dev, torch.bfloat16).requires_grad_()
+    g = torch.randn(2, 301, generator=gen).to(dev)
+    runs = []
+    for _ in range(2):
+        s = bk.relevance_scores(q, k, backend="cuda")
+        runs.append((s,) + torch.autograd.grad(s, (q, k), g))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@gpu
+@pytest.mark.parametrize("B,H,T,N,d", [(2, 2, 20, 300, 130), (1, 4, 1, 577, 64), (3, 1, 9, 31, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_relevance_larger_shapes(dev, B, H, T, N, d, dtype):
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(B, H, T, d, generator=gen).to(dev, dtype).requires_grad_()
+    k = torch.randn(B, H, N, d, generator=gen).to(dev, dtype).requires_grad_()
+    mask = torch.rand(B, T, generator=gen) < 0.6
+    mask[:, 0] = True
+    mask = mask.to(dev)
+    s = bk.relevance_scores(q, k, q_mask=mask, backend="cuda")
+    r = bk.relevance_scores(q, k, q_mask=mask, backend="torch")
+    torch.testing.assert_close(s, r, **TOL[torch.float32 if dtype == torch.float32 else torch.float16])
+    torch.testing.assert_close(s.sum(dim=1), torch.ones(B, device=dev), **TOL[torch.float16])
+    g = torch.randn(B, N, generator=gen).to(dev)
+    for a, b in zip(torch.autograd.grad(s, (q, k), g), torch.autograd.grad(r, (q, k), g)):
+        torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+@gpu
+def test_empty_problems(dev):
+    ops = torch.ops.bus_kernels_C
+    q = torch.randn(2, 1, 3, 8, device=dev)
+    s, lse = ops.relevance_scores(q, torch.randn(2, 1, 0, 8, device=dev), 0.5, None)
+    assert s.shape == (2, 0) and torch.equal(lse, torch.full((2, 1, 3), float("-inf"), device=dev))
+    dq, dk = ops.relevance_scores_backward(torch.randn(2, 0, device=dev), q, torch.randn(2, 1, 0, 8, device=dev), lse, 0.5, None)
+    assert torch.count_nonzero(dq) == 0 and dk.shape == (2, 1, 0, 8)
+    ref_s, ref_lse = ref.relevance_scores(q.cpu(), torch.randn(2, 1, 0, 8), 0.5, None)
+    assert torch.equal(lse.cpu(), ref_lse)
+    x, sc = torch.randn(0, 5, 4, device=dev), torch.rand(0, 4, device=dev)
+    tok, idx = ops.select_tokens(x, sc, 2, 1, "sum", "index")
+    assert tok.shape == (0, 4, 4) and idx.shape == (0, 2)
+
+
+def _raises(fn, *args, match=None):
+    with pytest.raises(RuntimeError, match=match):
+        fn(*args)
+
+
+@gpu
+def test_direct_calls_with_malformed_inputs_raise(dev):
+    ops = torch.ops.bus_kernels_C
+    x = torch.randn(2, 9, 16, device=dev)
+    s = torch.rand(2, 8, device=dev)
+    sel = ops.select_tokens
+    _raises(sel, x[0], s, 3, 1, "sum", "index", match="x must be")
+    _raises(sel, x, s[:, :7], 3, 1, "sum", "index", match="scores must be")
+    _raises(sel, x, s, 0, 1, "sum", "index", match="k=0")
+    _raises(sel, x, s, 9, 1, "sum", "index", match="k=9")
+    _raises(sel, x, s, 3, 10, "sum", "index", match="num_prefix")
+    _raises(sel, x, s, 3, -1, "sum", "index", match="num_prefix")
+    _raises(sel, x, s, 3, 1, "max", "index", match="fuse")
+    _raises(sel, x, s, 3, 1, "sum", "random", match="order")
+    _raises(sel, x.double(), s, 3, 1, "sum", "index", match="float64")
+    _raises(sel, x, s.cpu(), 3, 1, "sum", "index")
+    _raises(sel, x, s.int(), 3, 1, "sum", "index")
+
+    tok, idx = sel(x, s, 3, 1, "sum", "index")
+    bwd = ops.select_tokens_backward
+    _raises(bwd, tok[:, :-1], x, s, idx, 1, "sum", match="grad must be")
+    _raises(bwd, tok, x, s, idx.int(), 1, "sum", match="indices must be int64")
+    _raises(bwd, tok, x, s, idx[:1], 1, "sum", match="indices must be")
+    _raises(bwd, tok, x, s, torch.zeros(2, 9, dtype=torch.long, device=dev), 1, "sum", match="indices must be")
+    _raises(bwd, tok.cpu(), x, s, idx, 1, "sum")
+    # Out-of-range index values are ignored by the kernel (no out-of-bounds access), not trusted.
+    bad = idx.clone()
+    bad[0, 0] = 10**6
+    gx, gs = bwd(tok, x, s, bad, 1, "sum")
+    torch.cuda.synchronize()
+    assert torch.isfinite(gx).all() and torch.isfinite(gs).all()
+
+    keep = torch.tensor([2, 8], device=dev)
+    cu = torch.tensor([0, 4, 14], dtype=torch.int32, device=dev)
+    vl = ops.select_tokens_varlen
+    vl(x, s, keep, cu, 14, 1, "sum")  # well formed
+    _raises(vl, x, s, torch.tensor([2, 9], device=dev), torch.tensor([0, 4, 15], dtype=torch.int32, device=dev), 15, 1, "sum", match="keep")
+    _raises(vl, x, s, torch.tensor([-1, 8], device=dev), torch.tensor([0, 1, 11], dtype=torch.int32, device=dev), 11, 1, "sum", match="keep")
+    _raises(vl, x, s, keep, torch.tensor([0, 5, 15], dtype=torch.int32, device=dev), 15, 1, "sum", match="cu_seqlens length")
+    _raises(vl, x, s, keep, torch.tensor([1, 5, 15], dtype=torch.int32, device=dev), 15, 1, "sum", match="start at 0")
+    _raises(vl, x, s, keep, cu, 13, 1, "sum", match="total")
+    _raises(vl, x, s, keep, cu.long(), 14, 1, "sum", match="int32")
+    _raises(vl, x, s, keep.int(), cu, 14, 1, "sum", match="int64")
+    _raises(vl, x, s, keep[:1], cu, 14, 1, "sum", match="keep must be")
+    _raises(vl, x, s, keep, cu[:2], 14, 1, "sum", match="B\\+1")
+    tok, idx = vl(x, s, keep, cu, 14, 1, "sum")
+    vb = ops.select_tokens_varlen_backward
+    _raises(vb, tok[:-1], x, s, idx, keep, cu, 1, "sum", match="grad must be")
+    _raises(vb, tok, x, s, idx[:-1], keep, cu, 1, "sum", match="indices must be")
+    _raises(vb, tok, x, s, idx, keep, cu, 1, "none", match="cu_seqlens length")
+
+    q = torch.randn(2, 3, 4, 8, device=dev)
+    k = torch.randn(2, 3, 10, 8, device=dev)
+    rel = ops.relevance_scores
+    _raises(rel, q[0], k, 0.5, None, match="q must be")
+    _raises(rel, q, k[:, :2], 0.5, None, match="k must be")
+    _raises(rel, q, k[..., :4], 0.5, None, match="k must be")
+    _raises(rel, q, k.half(), 0.5, None, match="dtype")
+    _raises(rel, q.double(), k.double(), 0.5, None, match="float64")
+    _raises(rel, q, k.cpu(), 0.5, None)
+    _raises(rel, q, k, 0.5, torch.ones(2, 5, dtype=torch.bool, device=dev), match="q_mask")
+    _raises(rel, q, k, 0.5, torch.ones(2, 4, device=dev), match="q_mask must be bool")
+    s_, lse = rel(q, k, 0.5, None)
+    rb = ops.relevance_scores_backward
+    g = torch.randn(2, 10, device=dev)
+    _raises(rb, g[:, :9], q, k, lse, 0.5, None, match="grad must be")
+    _raises(rb, g, q, k, lse[:, :2], 0.5, None, match="lse must be")
+    _raises(rb, g, q, k, lse.double(), 0.5, None, match="lse must be float32")
+    _raises(rb, g, q, k, lse.cpu(), 0.5, None)
