@@ -9,9 +9,10 @@
 //
 // The extension is compiled without -march flags, yet the softmax needs a vectorised exp (a scalar
 // expf per logit costs more than the dots) and the dots want FMA. The hot code is therefore
-// written with GCC vector extensions (8 floats) and built twice through target_clones: Haswell
-// (AVX2 + FMA) and the x86-64 baseline, picked at load time. fp16/bf16 are widened and narrowed
-// with integer arithmetic, so neither clone needs F16C.
+// written with GCC vector extensions (8 floats) and instantiated twice: for AVX2 + FMA and for the
+// x86-64 baseline, picked once from the CPU's feature bits. (target_clones("arch=haswell") would
+// test the CPU *model* and fall back to the baseline on AMD.) fp16/bf16 are widened and narrowed
+// with integer arithmetic, so neither variant needs F16C.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -33,10 +34,9 @@
 // real call boundary; the ABI note GCC prints for them does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define BUS_MULTIVERSION __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define BUS_MULTIVERSION
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define BUS_X86_DISPATCH 1
+#define BUS_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #endif
 #define BUS_INLINE inline __attribute__((always_inline))
 
@@ -60,8 +60,15 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 BUS_INLINE int64_t round_up(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
 // ------------------------------------------------------------------------------ vector helpers
-BUS_INLINE vf splat(float x) { return vf{} + x; }
-BUS_INLINE vu splat_u(uint32_t x) { return vu{} + x; }
+// A lane-0 broadcast (one vbroadcastss). `vf{} + x` keeps a scalar add (+0.f is no identity for
+// -0.f); an eight-element initialiser and the two-operand shuffle both come out as insert chains.
+#if defined(__clang__)
+BUS_INLINE vf splat(float x) { return __builtin_shufflevector(vf{x}, vf{x}, 0, 0, 0, 0, 0, 0, 0, 0); }
+BUS_INLINE vu splat_u(uint32_t x) { return __builtin_shufflevector(vu{x}, vu{x}, 0, 0, 0, 0, 0, 0, 0, 0); }
+#else
+BUS_INLINE vf splat(float x) { return __builtin_shuffle(vf{x}, vi{}); }
+BUS_INLINE vu splat_u(uint32_t x) { return __builtin_shuffle(vu{x}, vi{}); }
+#endif
 
 BUS_INLINE vf loadu(const float* p) {
   vf v;
@@ -220,6 +227,10 @@ BUS_INLINE void logits(const float* Q, int64_t T, const float* K, int64_t N, int
   int64_t n = 0;
   for (; n + kLanes <= N; n += kLanes) {
     const float* k = K + n * dp;
+    // With one text token this loop streams k from DRAM at one FMA per element; the hardware
+    // prefetcher stops at 4 KB pages, so fetch two blocks (2 x 8 keys) ahead. Past the tile's end
+    // this reaches into the next pair's keys, which are contiguous and read next.
+    for (int64_t off = 0; off < kLanes * dp; off += 16) __builtin_prefetch(k + 2 * kLanes * dp + off);
     for (int64_t t = 0; t < T; ++t) {
       const float* q = Q + t * dp;
       vf a0{}, a1{}, a2{}, a3{}, a4{}, a5{}, a6{}, a7{};
@@ -253,13 +264,18 @@ BUS_INLINE void dq_tile(const float* dL, int64_t ldS, const float* K, int64_t N,
   vf acc[TB][DV] = {};
   for (int64_t n = 0; n < N; ++n) {
     vf kv[DV];
+#pragma GCC unroll 4
     for (int v = 0; v < DV; ++v) kv[v] = loadu(K + n * dp + c + v * kLanes);
+#pragma GCC unroll 4
     for (int i = 0; i < TB; ++i) {
       const vf g = splat(dL[i * ldS + n]);
+#pragma GCC unroll 4
       for (int v = 0; v < DV; ++v) acc[i][v] += g * kv[v];
     }
   }
+#pragma GCC unroll 4
   for (int i = 0; i < TB; ++i)
+#pragma GCC unroll 4
     for (int v = 0; v < DV; ++v) store_chunk(out[i] + c + v * kLanes, acc[i][v], d - c - v * kLanes);
 }
 
@@ -271,29 +287,30 @@ BUS_INLINE void dq_rows(const float* dL, int64_t ldS, const float* K, int64_t N,
   for (; c < dp; c += kLanes) dq_tile<TB, 1>(dL, ldS, K, N, dp, c, d, out);
 }
 
-// out[n + i][c : c + 8 * DV] = sum_t dL[t, n + i] Q[t, c : ...] for NB keys (dk rows, stride d).
-template <int NB, int DV, typename T>
+// out[n][c : c + 8 * DV] = sum_t dL[t, n] Q[t, c : ...]: one key (a dk row, stride d) at a time.
+// Q is a few KB and stays in L1, so reloading it per key is cheap; two keys per tile would put two
+// adjacent dL values side by side, which GCC's SLP pass packs into one load and then spills to
+// rebuild the broadcasts.
+template <int DV, typename T>
 BUS_INLINE void dk_tile(const float* dL, int64_t ldS, const float* Q, int64_t Ta, int64_t dp, int64_t c,
                         int64_t d, int64_t n, T* out) {
-  vf acc[NB][DV] = {};
+  vf acc[DV] = {};
   for (int64_t t = 0; t < Ta; ++t) {
-    vf qv[DV];
-    for (int v = 0; v < DV; ++v) qv[v] = loadu(Q + t * dp + c + v * kLanes);
-    for (int i = 0; i < NB; ++i) {
-      const vf g = splat(dL[t * ldS + n + i]);
-      for (int v = 0; v < DV; ++v) acc[i][v] += g * qv[v];
-    }
+    const vf g = splat(dL[t * ldS + n]);
+#pragma GCC unroll 8
+    for (int v = 0; v < DV; ++v) acc[v] += g * loadu(Q + t * dp + c + v * kLanes);
   }
-  for (int i = 0; i < NB; ++i)
-    for (int v = 0; v < DV; ++v) store_chunk(out + (n + i) * d + c + v * kLanes, acc[i][v], d - c - v * kLanes);
+#pragma GCC unroll 8
+  for (int v = 0; v < DV; ++v) store_chunk(out + n * d + c + v * kLanes, acc[v], d - c - v * kLanes);
 }
 
-template <int NB, typename T>
-BUS_INLINE void dk_rows(const float* dL, int64_t ldS, const float* Q, int64_t Ta, int64_t dp, int64_t d,
-                        int64_t n, T* out) {
+template <typename T>
+BUS_INLINE void dk_row(const float* dL, int64_t ldS, const float* Q, int64_t Ta, int64_t dp, int64_t d,
+                       int64_t n, T* out) {
   int64_t c = 0;
-  for (; c + 4 * kLanes <= dp; c += 4 * kLanes) dk_tile<NB, 4>(dL, ldS, Q, Ta, dp, c, d, n, out);
-  for (; c < dp; c += kLanes) dk_tile<NB, 1>(dL, ldS, Q, Ta, dp, c, d, n, out);
+  for (; c + 8 * kLanes <= dp; c += 8 * kLanes) dk_tile<8>(dL, ldS, Q, Ta, dp, c, d, n, out);
+  for (; c + 4 * kLanes <= dp; c += 4 * kLanes) dk_tile<4>(dL, ldS, Q, Ta, dp, c, d, n, out);
+  for (; c < dp; c += kLanes) dk_tile<1>(dL, ldS, Q, Ta, dp, c, d, n, out);
 }
 
 // ------------------------------------------------------------------------------------ the pairs
@@ -380,9 +397,8 @@ BUS_INLINE void forward_range_typed(const Problem& p, int64_t begin, int64_t end
   }
 }
 
-// Items [begin, end): samples (out is scores [B, N]) or (b, h) pairs (out is partial rows [B*H, N]).
-BUS_MULTIVERSION void forward_range(const Problem& p, int64_t begin, int64_t end, bool per_sample, float* out,
-                                    float* lse) {
+BUS_INLINE void forward_range_body(const Problem& p, int64_t begin, int64_t end, bool per_sample, float* out,
+                                   float* lse) {
   switch (p.dtype) {
     case at::kFloat:
       return forward_range_typed<float>(p, begin, end, per_sample, out, lse);
@@ -440,9 +456,7 @@ BUS_INLINE void backward_pair(const Problem& p, int64_t bh, Scratch& s, const fl
     dq_rows<1>(s.S + i * Np, Np, K, N, dp, d, rows);
   }
   T* dk_pair = dk + bh * N * d;
-  int64_t n = 0;
-  for (; n + 2 <= N; n += 2) dk_rows<2>(s.S, Np, s.Q, Ta, dp, d, n, dk_pair);
-  if (n < N) dk_rows<1>(s.S, Np, s.Q, Ta, dp, d, n, dk_pair);
+  for (int64_t n = 0; n < N; ++n) dk_row(s.S, Np, s.Q, Ta, dp, d, n, dk_pair);
 }
 
 template <typename T>
@@ -453,9 +467,8 @@ BUS_INLINE void backward_range_typed(const Problem& p, int64_t begin, int64_t en
     backward_pair<T>(p, bh, s, grad, lse, static_cast<T*>(dq), static_cast<T*>(dk));
 }
 
-// (b, h) pairs [begin, end): each writes its own dq[b, h] and dk[b, h], so pairs never race.
-BUS_MULTIVERSION void backward_range(const Problem& p, int64_t begin, int64_t end, const float* grad,
-                                     const float* lse, void* dq, void* dk) {
+BUS_INLINE void backward_range_body(const Problem& p, int64_t begin, int64_t end, const float* grad,
+                                    const float* lse, void* dq, void* dk) {
   switch (p.dtype) {
     case at::kFloat:
       return backward_range_typed<float>(p, begin, end, grad, lse, dq, dk);
@@ -464,6 +477,51 @@ BUS_MULTIVERSION void backward_range(const Problem& p, int64_t begin, int64_t en
     default:
       return backward_range_typed<c10::Half>(p, begin, end, grad, lse, dq, dk);
   }
+}
+
+// The same bodies compiled for the baseline and for AVX2 + FMA.
+void forward_range_base(const Problem& p, int64_t begin, int64_t end, bool per_sample, float* out, float* lse) {
+  forward_range_body(p, begin, end, per_sample, out, lse);
+}
+void backward_range_base(const Problem& p, int64_t begin, int64_t end, const float* grad, const float* lse,
+                         void* dq, void* dk) {
+  backward_range_body(p, begin, end, grad, lse, dq, dk);
+}
+
+#ifdef BUS_X86_DISPATCH
+BUS_TARGET_AVX2 void forward_range_avx2(const Problem& p, int64_t begin, int64_t end, bool per_sample,
+                                        float* out, float* lse) {
+  forward_range_body(p, begin, end, per_sample, out, lse);
+}
+BUS_TARGET_AVX2 void backward_range_avx2(const Problem& p, int64_t begin, int64_t end, const float* grad,
+                                         const float* lse, void* dq, void* dk) {
+  backward_range_body(p, begin, end, grad, lse, dq, dk);
+}
+
+bool has_avx2_fma() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return yes;
+}
+#endif
+
+// Items [begin, end): samples (out is scores [B, N]) or (b, h) pairs (out is partial rows [B*H, N]).
+void forward_range(const Problem& p, int64_t begin, int64_t end, bool per_sample, float* out, float* lse) {
+#ifdef BUS_X86_DISPATCH
+  if (has_avx2_fma()) return forward_range_avx2(p, begin, end, per_sample, out, lse);
+#endif
+  forward_range_base(p, begin, end, per_sample, out, lse);
+}
+
+// (b, h) pairs [begin, end): each writes its own dq[b, h] and dk[b, h], so pairs never race.
+void backward_range(const Problem& p, int64_t begin, int64_t end, const float* grad, const float* lse, void* dq,
+                    void* dk) {
+#ifdef BUS_X86_DISPATCH
+  if (has_avx2_fma()) return backward_range_avx2(p, begin, end, grad, lse, dq, dk);
+#endif
+  backward_range_base(p, begin, end, grad, lse, dq, dk);
 }
 
 // ------------------------------------------------------------------------- checks and entries
