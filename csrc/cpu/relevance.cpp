@@ -4,8 +4,9 @@
 // ~1000) fit a scratch of tens of KB that stays in L1/L2, so each pair reads its k tile from memory
 // once and the [B, H, T, N] probabilities of the reference never exist. The forward turns each
 // scratch row into max, exp, sum, log-normaliser and weighted probabilities in one sweep; the
-// backward recomputes P from the stored lse, overwrites the scratch with dlogits and runs the two
-// small products dq = dL k and dk = dL^T q, each output element written once.
+// backward recomputes the logits and their softmax, overwrites the scratch with dlogits and runs
+// the two small products dq = dL k and dk = dL^T q, each output element written once. (The lse
+// argument of the backward is validated but not needed: see backward_pair.)
 //
 // The extension is compiled without -march flags, yet the softmax needs a vectorised exp (a scalar
 // expf per logit costs more than the dots) and the dots want FMA. The hot code is therefore
@@ -353,6 +354,25 @@ BUS_INLINE const float* key_tile(const Problem& p, int64_t bh, Scratch& s) {
 
 BUS_INLINE bool needs_key_scratch(const Problem& p) { return p.dtype != at::kFloat || p.d != p.dp; }
 
+// x[0:N] <- exp(x - max x), x[N:Np] <- 0; returns the max and the sum of the exps.
+struct RowNorm {
+  float max, sum;
+};
+BUS_INLINE RowNorm exp_row(float* x, int64_t N, int64_t Np) {
+  for (int64_t n = N; n < Np; ++n) x[n] = -kInf;  // exp(-inf) = 0: the tail drops out
+  vf mv = splat(-kInf);
+  for (int64_t n = 0; n < Np; n += kLanes) mv = vmax(mv, loadu(x + n));
+  const float m = hmax(mv);
+  const vf vm = splat(m);
+  vf sv{};
+  for (int64_t n = 0; n < Np; n += kLanes) {
+    const vf e = vexp(loadu(x + n) - vm);
+    storeu(x + n, e);
+    sv += e;
+  }
+  return {m, hsum(sv)};
+}
+
 // Adds sum_t w[t] softmax(S[t]) of pair (b, h) to `row` (Np wide) and writes lse[b, h, :].
 template <typename T>
 BUS_INLINE void forward_pair(const Problem& p, int64_t bh, Scratch& s, float* row, float* lse) {
@@ -363,19 +383,9 @@ BUS_INLINE void forward_pair(const Problem& p, int64_t bh, Scratch& s, float* ro
   const float* w = p.w + b * T_;
   for (int64_t t = 0; t < T_; ++t) {
     float* x = s.S + t * Np;
-    for (int64_t n = N; n < Np; ++n) x[n] = -kInf;  // exp(-inf) = 0: the tail drops out
-    vf mv = splat(-kInf);
-    for (int64_t n = 0; n < Np; n += kLanes) mv = vmax(mv, loadu(x + n));
-    const float m = hmax(mv);
-    const vf vm = splat(m);
-    vf sv{};
-    for (int64_t n = 0; n < Np; n += kLanes) {
-      const vf e = vexp(loadu(x + n) - vm);
-      storeu(x + n, e);
-      sv += e;
-    }
-    const float sum = hsum(sv);
-    lse[bh * T_ + t] = m + std::log(sum);
+    const RowNorm r = exp_row(x, N, Np);
+    const float sum = r.sum;
+    lse[bh * T_ + t] = r.max + std::log(sum);
     if (w[t] == 0.f) continue;  // a padding token: it has an lse but no weight
     const vf c = splat(w[t] / sum);
     for (int64_t n = 0; n < Np; n += kLanes) storeu(row + n, loadu(row + n) + c * loadu(x + n));
@@ -410,8 +420,7 @@ BUS_INLINE void forward_range_body(const Problem& p, int64_t begin, int64_t end,
 }
 
 template <typename T>
-BUS_INLINE void backward_pair(const Problem& p, int64_t bh, Scratch& s, const float* grad, const float* lse,
-                              T* dq, T* dk) {
+BUS_INLINE void backward_pair(const Problem& p, int64_t bh, Scratch& s, const float* grad, T* dq, T* dk) {
   const int64_t b = bh / p.H, T_ = p.T, N = p.N, Np = p.Np, d = p.d, dp = p.dp;
   const float* w = p.w + b * T_;
   const T* q = static_cast<const T*>(p.q) + bh * T_ * d;
@@ -429,19 +438,18 @@ BUS_INLINE void backward_pair(const Problem& p, int64_t bh, Scratch& s, const fl
   const float* K = key_tile<T>(p, bh, s);
   logits(s.Q, Ta, K, N, dp, p.scale, s.S, Np);
   std::memcpy(s.g, grad + b * N, N * sizeof(float));  // s.g[N:Np] stays 0
+  // P = e / sum with e = exp(x - max) and sum recomputed from the logits row already in scratch
+  // (one extra max sweep, small beside the three products), not exp(x - lse): lse is rounded to
+  // fp32, so that would carry a relative error of |lse| * 2^-24 into every P, 2e-4 at lse = 3500.
   for (int64_t i = 0; i < Ta; ++i) {
     const int64_t t = s.active[i];
     float* x = s.S + i * Np;
-    for (int64_t n = N; n < Np; ++n) x[n] = -kInf;
-    const vf vl = splat(lse[bh * T_ + t]);
+    const RowNorm norm = exp_row(x, N, Np);
+    const float inv = 1.f / norm.sum;
     vf rv{};
-    for (int64_t n = 0; n < Np; n += kLanes) {
-      const vf pr = vexp(loadu(x + n) - vl);
-      storeu(x + n, pr);
-      rv += pr * loadu(s.g + n);
-    }
-    const vf r = splat(hsum(rv));
-    const vf c = splat(w[t] * p.scale);
+    for (int64_t n = 0; n < Np; n += kLanes) rv += loadu(x + n) * loadu(s.g + n);
+    const vf r = splat(hsum(rv) * inv);  // <g, P[t]>
+    const vf c = splat(w[t] * p.scale * inv);
     for (int64_t n = 0; n < Np; n += kLanes) storeu(x + n, loadu(x + n) * (loadu(s.g + n) - r) * c);
   }
   T* rows[2];
@@ -461,21 +469,21 @@ BUS_INLINE void backward_pair(const Problem& p, int64_t bh, Scratch& s, const fl
 
 template <typename T>
 BUS_INLINE void backward_range_typed(const Problem& p, int64_t begin, int64_t end, const float* grad,
-                                     const float* lse, void* dq, void* dk) {
+                                     void* dq, void* dk) {
   Scratch s(p, needs_key_scratch(p));
   for (int64_t bh = begin; bh < end; ++bh)
-    backward_pair<T>(p, bh, s, grad, lse, static_cast<T*>(dq), static_cast<T*>(dk));
+    backward_pair<T>(p, bh, s, grad, static_cast<T*>(dq), static_cast<T*>(dk));
 }
 
 BUS_INLINE void backward_range_body(const Problem& p, int64_t begin, int64_t end, const float* grad,
-                                    const float* lse, void* dq, void* dk) {
+                                    void* dq, void* dk) {
   switch (p.dtype) {
     case at::kFloat:
-      return backward_range_typed<float>(p, begin, end, grad, lse, dq, dk);
+      return backward_range_typed<float>(p, begin, end, grad, dq, dk);
     case at::kBFloat16:
-      return backward_range_typed<c10::BFloat16>(p, begin, end, grad, lse, dq, dk);
+      return backward_range_typed<c10::BFloat16>(p, begin, end, grad, dq, dk);
     default:
-      return backward_range_typed<c10::Half>(p, begin, end, grad, lse, dq, dk);
+      return backward_range_typed<c10::Half>(p, begin, end, grad, dq, dk);
   }
 }
 
@@ -483,9 +491,9 @@ BUS_INLINE void backward_range_body(const Problem& p, int64_t begin, int64_t end
 void forward_range_base(const Problem& p, int64_t begin, int64_t end, bool per_sample, float* out, float* lse) {
   forward_range_body(p, begin, end, per_sample, out, lse);
 }
-void backward_range_base(const Problem& p, int64_t begin, int64_t end, const float* grad, const float* lse,
-                         void* dq, void* dk) {
-  backward_range_body(p, begin, end, grad, lse, dq, dk);
+void backward_range_base(const Problem& p, int64_t begin, int64_t end, const float* grad, void* dq,
+                         void* dk) {
+  backward_range_body(p, begin, end, grad, dq, dk);
 }
 
 #ifdef BUS_X86_DISPATCH
@@ -494,8 +502,8 @@ BUS_TARGET_AVX2 void forward_range_avx2(const Problem& p, int64_t begin, int64_t
   forward_range_body(p, begin, end, per_sample, out, lse);
 }
 BUS_TARGET_AVX2 void backward_range_avx2(const Problem& p, int64_t begin, int64_t end, const float* grad,
-                                         const float* lse, void* dq, void* dk) {
-  backward_range_body(p, begin, end, grad, lse, dq, dk);
+                                         void* dq, void* dk) {
+  backward_range_body(p, begin, end, grad, dq, dk);
 }
 
 bool has_avx2_fma() {
@@ -516,12 +524,11 @@ void forward_range(const Problem& p, int64_t begin, int64_t end, bool per_sample
 }
 
 // (b, h) pairs [begin, end): each writes its own dq[b, h] and dk[b, h], so pairs never race.
-void backward_range(const Problem& p, int64_t begin, int64_t end, const float* grad, const float* lse, void* dq,
-                    void* dk) {
+void backward_range(const Problem& p, int64_t begin, int64_t end, const float* grad, void* dq, void* dk) {
 #ifdef BUS_X86_DISPATCH
-  if (has_avx2_fma()) return backward_range_avx2(p, begin, end, grad, lse, dq, dk);
+  if (has_avx2_fma()) return backward_range_avx2(p, begin, end, grad, dq, dk);
 #endif
-  backward_range_base(p, begin, end, grad, lse, dq, dk);
+  backward_range_base(p, begin, end, grad, dq, dk);
 }
 
 // ------------------------------------------------------------------------- checks and entries
@@ -619,17 +626,16 @@ std::tuple<at::Tensor, at::Tensor> relevance_scores_backward_cpu(const at::Tenso
   TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == p.B && lse_in.size(1) == p.H && lse_in.size(2) == p.T,
               op, ": lse must be [B=", p.B, ", H=", p.H, ", T=", p.T, "], got ", lse_in.sizes());
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
-  const at::Tensor grad = grad_in.contiguous(), lse = lse_in.contiguous();
+  const at::Tensor grad = grad_in.contiguous();
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   const float* g = grad.data_ptr<float>();
-  const float* l = lse.data_ptr<float>();
   void* dq_ptr = dq.data_ptr();
   void* dk_ptr = dk.data_ptr();
   at::parallel_for(0, p.B * p.H, 1,
-                   [&](int64_t i0, int64_t i1) { backward_range(p, i0, i1, g, l, dq_ptr, dk_ptr); });
+                   [&](int64_t i0, int64_t i1) { backward_range(p, i0, i1, g, dq_ptr, dk_ptr); });
   return {dq, dk};
 }
 
