@@ -97,6 +97,17 @@ def test_sample_and_pair_parallel_paths(threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_dk_streamed(dtype):
+    """dk of 8 MB or more is written with non-temporal stores."""
+    _ops()
+    gen = torch.Generator().manual_seed(5)
+    B = 2 if dtype == torch.float32 else 4
+    q, k, q_mask = _inputs(gen, B, 4, 3, 1031, 256, dtype, masked=True)
+    assert k.nbytes >= 8 << 20
+    _check_against_reference(q, k, q_mask, gen=gen)
+
+
 def test_lse_and_direct_call_on_strided_inputs():
     ops = _ops()
     gen = torch.Generator().manual_seed(0)

@@ -29,6 +29,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "../common.h"
 
 // The vector helpers below are always inlined, so their by-value vector arguments never cross a
@@ -57,6 +61,7 @@ typedef uint32_t vu __attribute__((vector_size(32)));
 typedef uint16_t vh __attribute__((vector_size(16)));
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr int64_t kStreamMinBytes = int64_t(8) << 20;
 
 BUS_INLINE int64_t round_up(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
@@ -170,17 +175,15 @@ BUS_INLINE void store8<float>(float* p, vf v) {
   storeu(p, v);
 }
 
-template <>
-BUS_INLINE void store8<c10::BFloat16>(c10::BFloat16* p, vf v) {
+// fp32 -> the 16-bit patterns of bf16 / fp16.
+BUS_INLINE vh narrow8_bf16(vf v) {
   const vu u = (vu)v;
   vu r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   r = v != v ? splat_u(0x7FC0u) : r;
-  const vh h = __builtin_convertvector(r, vh);
-  std::memcpy(p, &h, sizeof h);
+  return __builtin_convertvector(r, vh);
 }
 
-template <>
-BUS_INLINE void store8<c10::Half>(c10::Half* p, vf f) {
+BUS_INLINE vh narrow8_half(vf f) {
   const vu w = (vu)f;
   const vu shl1_w = w + w;
   const vu sign = w & 0x80000000u;
@@ -192,9 +195,50 @@ BUS_INLINE void store8<c10::Half>(c10::Half* p, vf f) {
   const vu bits = (vu)base;
   const vu nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
   const vu r = (sign >> 16) | (shl1_w > 0xFF000000u ? splat_u(0x7E00u) : nonsign);
-  const vh h = __builtin_convertvector(r, vh);
+  return __builtin_convertvector(r, vh);
+}
+
+template <>
+BUS_INLINE void store8<c10::BFloat16>(c10::BFloat16* p, vf v) {
+  const vh h = narrow8_bf16(v);
   std::memcpy(p, &h, sizeof h);
 }
+
+template <>
+BUS_INLINE void store8<c10::Half>(c10::Half* p, vf v) {
+  const vh h = narrow8_half(v);
+  std::memcpy(p, &h, sizeof h);
+}
+
+// Non-temporal stores for dk: it is as large as k, written once and not read back here, so
+// streaming it past the cache saves the read-for-ownership of every line (a third of the
+// backward's memory traffic at T = 1). Only for a dk well beyond the L2 caches, which its
+// consumer (the autograd sum into k.grad) would otherwise still find in cache. SSE2 is part of
+// x86-64, so both variants have these stores; p must be 16-byte aligned.
+#if defined(__SSE2__)
+#define BUS_HAVE_STREAM 1
+template <typename T>
+BUS_INLINE void stream8(T* p, vf v);
+
+template <>
+BUS_INLINE void stream8<float>(float* p, vf v) {
+  __m128 lo, hi;
+  std::memcpy(&lo, &v, sizeof lo);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+  _mm_stream_ps(p, lo);
+  _mm_stream_ps(p + 4, hi);
+}
+
+template <>
+BUS_INLINE void stream8<c10::BFloat16>(c10::BFloat16* p, vf v) {
+  _mm_stream_si128(reinterpret_cast<__m128i*>(p), (__m128i)narrow8_bf16(v));
+}
+
+template <>
+BUS_INLINE void stream8<c10::Half>(c10::Half* p, vf v) {
+  _mm_stream_si128(reinterpret_cast<__m128i*>(p), (__m128i)narrow8_half(v));
+}
+#endif
 
 // Row tails (d not a multiple of 8): through a zero-padded buffer.
 template <typename T>
@@ -292,7 +336,7 @@ BUS_INLINE void dq_rows(const float* dL, int64_t ldS, const float* K, int64_t N,
 // Q is a few KB and stays in L1, so reloading it per key is cheap; two keys per tile would put two
 // adjacent dL values side by side, which GCC's SLP pass packs into one load and then spills to
 // rebuild the broadcasts.
-template <int DV, typename T>
+template <bool kStream, int DV, typename T>
 BUS_INLINE void dk_tile(const float* dL, int64_t ldS, const float* Q, int64_t Ta, int64_t dp, int64_t c,
                         int64_t d, int64_t n, T* out) {
   vf acc[DV] = {};
@@ -302,16 +346,27 @@ BUS_INLINE void dk_tile(const float* dL, int64_t ldS, const float* Q, int64_t Ta
     for (int v = 0; v < DV; ++v) acc[v] += g * loadu(Q + t * dp + c + v * kLanes);
   }
 #pragma GCC unroll 8
-  for (int v = 0; v < DV; ++v) store_chunk(out + n * d + c + v * kLanes, acc[v], d - c - v * kLanes);
+  for (int v = 0; v < DV; ++v) {
+#ifdef BUS_HAVE_STREAM
+    if (kStream) {
+      stream8(out + n * d + c + v * kLanes, acc[v]);
+      continue;
+    }
+#endif
+    store_chunk(out + n * d + c + v * kLanes, acc[v], d - c - v * kLanes);
+  }
 }
 
-template <typename T>
-BUS_INLINE void dk_row(const float* dL, int64_t ldS, const float* Q, int64_t Ta, int64_t dp, int64_t d,
-                       int64_t n, T* out) {
-  int64_t c = 0;
-  for (; c + 8 * kLanes <= dp; c += 8 * kLanes) dk_tile<8>(dL, ldS, Q, Ta, dp, c, d, n, out);
-  for (; c + 4 * kLanes <= dp; c += 4 * kLanes) dk_tile<4>(dL, ldS, Q, Ta, dp, c, d, n, out);
-  for (; c < dp; c += kLanes) dk_tile<1>(dL, ldS, Q, Ta, dp, c, d, n, out);
+// kStream: d is a multiple of 8 and out 16-byte aligned, so every chunk is a whole aligned vector.
+template <bool kStream, typename T>
+BUS_INLINE void dk_rows(const float* dL, int64_t ldS, const float* Q, int64_t Ta, int64_t N, int64_t dp,
+                        int64_t d, T* out) {
+  for (int64_t n = 0; n < N; ++n) {
+    int64_t c = 0;
+    for (; c + 8 * kLanes <= dp; c += 8 * kLanes) dk_tile<kStream, 8>(dL, ldS, Q, Ta, dp, c, d, n, out);
+    for (; c + 4 * kLanes <= dp; c += 4 * kLanes) dk_tile<kStream, 4>(dL, ldS, Q, Ta, dp, c, d, n, out);
+    for (; c < dp; c += kLanes) dk_tile<kStream, 1>(dL, ldS, Q, Ta, dp, c, d, n, out);
+  }
 }
 
 // ------------------------------------------------------------------------------------ the pairs
@@ -320,6 +375,7 @@ struct Problem {
   int64_t dp;  // d rounded up to 8: the fp32 row stride of the scratch tiles
   int64_t Np;  // N rounded up to 8: the row stride of the logits scratch
   float scale;
+  bool stream_dk;  // write dk with non-temporal stores (see stream8)
   const float* w;  // [B, T] token weights: mask / (H * count)
   at::ScalarType dtype;
   const void* q;
@@ -464,7 +520,11 @@ BUS_INLINE void backward_pair(const Problem& p, int64_t bh, Scratch& s, const fl
     dq_rows<1>(s.S + i * Np, Np, K, N, dp, d, rows);
   }
   T* dk_pair = dk + bh * N * d;
-  for (int64_t n = 0; n < N; ++n) dk_row(s.S, Np, s.Q, Ta, dp, d, n, dk_pair);
+  if (p.stream_dk && d == dp && reinterpret_cast<uintptr_t>(dk_pair) % 16 == 0) {
+    dk_rows<true>(s.S, Np, s.Q, Ta, N, dp, d, dk_pair);
+  } else {
+    dk_rows<false>(s.S, Np, s.Q, Ta, N, dp, d, dk_pair);
+  }
 }
 
 template <typename T>
@@ -473,6 +533,9 @@ BUS_INLINE void backward_range_typed(const Problem& p, int64_t begin, int64_t en
   Scratch s(p, needs_key_scratch(p));
   for (int64_t bh = begin; bh < end; ++bh)
     backward_pair<T>(p, bh, s, grad, static_cast<T*>(dq), static_cast<T*>(dk));
+#ifdef BUS_HAVE_STREAM
+  _mm_sfence();  // streamed dk stores are weakly ordered: make them visible before the task ends
+#endif
 }
 
 BUS_INLINE void backward_range_body(const Problem& p, int64_t begin, int64_t end, const float* grad,
@@ -631,6 +694,7 @@ std::tuple<at::Tensor, at::Tensor> relevance_scores_backward_cpu(const at::Tenso
   p.k = k.data_ptr();
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
+  p.stream_dk = dk.nbytes() >= kStreamMinBytes;
   const float* g = grad.data_ptr<float>();
   void* dq_ptr = dq.data_ptr();
   void* dk_ptr = dk.data_ptr();
