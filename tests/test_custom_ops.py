@@ -35,7 +35,9 @@ def _cases():
     g_tok = rnd(3, 5, 8)
     return {
         "select_tokens": [(x, s, 3, 1, f, o) for f in ("sum", "mean", "none") for o in ("index", "score")],
-        "select_tokens_backward": [(g_tok, x.detach(), s.detach(), idx, 1, f) for f in ("sum", "mean", "none")],
+        # grad has P + k (+1 fused) rows: 5 with a fused token, 4 without
+        "select_tokens_backward": [(g_tok if f != "none" else g_tok[:, :4].contiguous(), x.detach(), s.detach(), idx, 1, f)
+                                   for f in ("sum", "mean", "none")],
         "select_tokens_varlen": [(x, s, keep, cu, total, 1, f) for f in ("sum", "mean")],
         "mass_keep": [(s.detach().abs(), 0.5, 1)],
         "relevance_scores": [(q, k, 0.35, None), (q, k, 0.35, qm)],
