@@ -11,6 +11,7 @@ Environment:
 """
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -33,7 +34,10 @@ def _extensions():
         return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
     sources = rel("csrc/bus_kernels.cpp") + rel("csrc/cpu/*.cpp")
-    cxx = ["-O3"]
+    # at::parallel_for is a header template that runs serially unless the extension itself is
+    # compiled with OpenMP (torch's own build uses GNU OpenMP; the loader shares its libgomp).
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx = ["-O3"] + openmp
     with_cuda = os.environ.get("BUS_KERNELS_CPU_ONLY", "0") != "1" and (
         os.environ.get("FORCE_CUDA", "0") == "1"
         or (torch.version.cuda is not None and CUDA_HOME is not None)
@@ -47,9 +51,10 @@ def _extensions():
             sources + rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu"),
             define_macros=[("BUS_KERNELS_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=openmp,
         )
     else:
-        ext = CppExtension("bus_kernels._C", sources, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("bus_kernels._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=openmp)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
