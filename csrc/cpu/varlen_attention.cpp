@@ -1,0 +1,751 @@
+// varlen_attention on CPU: flash attention over packed variable-length sequences.
+//
+// Work is split into (sequence, head) tasks that workers pull from a shared counter, largest first,
+// because sequence lengths vary and a static split leaves threads idle. A task owns every row it
+// writes (its sequence's rows of its head), so there are no races and no atomics on data.
+//
+// Inside a task, queries are blocked and, within a query block, keys are blocked: the two products
+// per block (S = Q K^T, O += P V forward; five backward) run on the BLAS behind at::mm_out, on
+// views of the packed tensors or of fp32 scratch, and the softmax is online (running max and sum,
+// rescaling O) so scratch stays one [block_q, block_k] tile whatever the length. The backward
+// recomputes P from the saved log-sum-exp, as flash attention does.
+//
+// The elementwise passes (exp, softmax, dS) are written with GCC vector extensions and compiled
+// twice, for AVX2 and for the baseline ISA, picked at run time: the extension is built with plain
+// -O3, and a scalar std::exp per logit would cost more than the matrix products themselves.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "../common.h"
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define BUS_ATTN_X86 1
+#define BUS_ATTN_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define BUS_ATTN_X86 0
+#endif
+
+#define BUS_ATTN_INLINE inline __attribute__((always_inline))
+
+// The 32-byte vector helpers are always inlined, so no vector ever crosses a call boundary and
+// GCC's note about the AVX calling convention does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace bus_kernels {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kPosInf = std::numeric_limits<float>::infinity();
+
+// Largest query / key tile. A backward step holds two [block_q, block_k] fp32 tiles (P and dS),
+// 256 KB at these sizes, which with the operand panels stays within a core's L2; sequences up
+// to kBlockK keys need no online rescaling at all.
+constexpr int64_t kBlockQ = 128;
+constexpr int64_t kBlockK = 256;
+
+// ------------------------------------------------------------------------------ vector helpers
+// 8 fp32 lanes: one AVX2 register, two SSE registers on the baseline build.
+typedef float vf __attribute__((vector_size(32)));
+typedef int32_t vi __attribute__((vector_size(32)));
+typedef uint32_t vu __attribute__((vector_size(32)));
+typedef uint16_t vh __attribute__((vector_size(16)));
+// Unaligned, aliasing views for loads and stores from plain arrays.
+typedef float vf_mem __attribute__((vector_size(32), aligned(4), may_alias));
+typedef uint16_t vh_mem __attribute__((vector_size(16), aligned(2), may_alias));
+constexpr int64_t kLanes = 8;
+
+BUS_ATTN_INLINE vf splat(float x) { return vf{} + x; }
+BUS_ATTN_INLINE vf load(const float* p) { return *reinterpret_cast<const vf_mem*>(p); }
+BUS_ATTN_INLINE void store(float* p, vf x) { *reinterpret_cast<vf_mem*>(p) = x; }
+BUS_ATTN_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
+
+BUS_ATTN_INLINE float hsum(vf x) {
+  float s = 0.f;
+  for (int i = 0; i < kLanes; ++i) s += x[i];
+  return s;
+}
+
+BUS_ATTN_INLINE float hmax(vf x) {
+  float m = x[0];
+  for (int i = 1; i < kLanes; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+// exp with Cephes' polynomial (about 1 ulp), 0 for x < -87 (so -inf gives 0; the flushed range
+// is below 1.7e-38), NaN kept. No FMA contraction, so both ISA builds round identically.
+BUS_ATTN_INLINE vf vexp(vf x) {
+  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  vf xc = x < -87.0f ? splat(-87.0f) : x;
+  xc = xc > 88.0f ? splat(88.0f) : xc;
+  const vf n = (xc * 1.44269504088896341f + magic) - magic;
+  const vf r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  const vf r2 = r * r;
+  vf y = splat(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r2 + r + 1.0f;
+  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+  const vf res = y * (vf)e;
+  return x < -87.0f ? splat(0.f) : res;
+}
+
+BUS_ATTN_INLINE float exp1(float x) { return vexp(splat(x))[0]; }
+
+BUS_ATTN_INLINE float dot(const float* a, const float* b, int64_t n) {
+  vf acc = splat(0.f);
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) acc += load(a + j) * load(b + j);
+  float s = hsum(acc);
+  for (; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+// fp32 <-> storage dtype for one row of `n` values. bf16 is vectorised by hand (a shift, and
+// c10's round-to-nearest-even on the way back); Half goes through c10's scalar conversion.
+template <typename scalar_t>
+BUS_ATTN_INLINE void row_to_float(const scalar_t* src, int64_t n, float* dst) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else {
+    int64_t j = 0;
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      for (; j + kLanes <= n; j += kLanes) {
+        const vh h = *reinterpret_cast<const vh_mem*>(src + j);
+        const vu u = __builtin_convertvector(h, vu) << 16;
+        store(dst + j, (vf)u);
+      }
+    }
+    for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+  }
+}
+
+template <typename scalar_t>
+BUS_ATTN_INLINE void row_from_float(const float* src, int64_t n, float mul, scalar_t* dst) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (; j + kLanes <= n; j += kLanes) store(dst + j, load(src + j) * mul);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    for (; j + kLanes <= n; j += kLanes) {
+      const vf x = load(src + j) * mul;
+      const vu u = (vu)x;
+      vu r = (u + (((u >> 16) & 1u) + 0x7fffu)) >> 16;
+      r = x != x ? vu{} + 0x7fc0u : r;
+      *reinterpret_cast<vh_mem*>(dst + j) = __builtin_convertvector(r, vh);
+    }
+  }
+  for (; j < n; ++j) dst[j] = static_cast<scalar_t>(src[j] * mul);
+}
+
+// `rows` rows of `cols` values, source rows `ld` apart, into contiguous fp32.
+template <typename scalar_t>
+BUS_ATTN_INLINE void rows_to_float(const scalar_t* src, int64_t ld, int64_t rows, int64_t cols, float* dst) {
+  for (int64_t i = 0; i < rows; ++i) row_to_float(src + i * ld, cols, dst + i * cols);
+}
+
+// Keys of row i that causal masking leaves (query q0 + i sees keys <= q0 + i), within the tile
+// that starts at key k0: diag = q0 - k0.
+BUS_ATTN_INLINE int64_t visible(bool causal, int64_t i, int64_t diag, int64_t cols) {
+  return causal ? std::min(std::max<int64_t>(i + diag + 1, 0), cols) : cols;
+}
+
+// ------------------------------------------------------------------------ elementwise passes
+// Forward tile: turns raw dots S into P = exp(scale S + bias - m_new) in place, updating each
+// row's running max m and sum l; alpha = exp(m_old - m_new) rescales what O already holds.
+BUS_ATTN_INLINE void softmax_tile(float* s, int64_t rows, int64_t cols, float scale, const float* bias,
+                                  bool causal, int64_t diag, float* m, float* l, float* alpha) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = s + i * cols;
+    const int64_t valid = visible(causal, i, diag, cols);
+    vf vmx = splat(kNegInf);
+    int64_t j = 0;
+    for (; j + kLanes <= valid; j += kLanes) {
+      const vf x = load(row + j) * scale + load(bias + j);
+      store(row + j, x);
+      vmx = vmax(vmx, x);
+    }
+    float mx = hmax(vmx);
+    for (; j < valid; ++j) {
+      const float x = row[j] * scale + bias[j];
+      row[j] = x;
+      mx = x > mx ? x : mx;
+    }
+    const float m_new = m[i] > mx ? m[i] : mx;
+    // A row with no finite logit yet keeps P = 0 (exp(-inf - 0)) instead of NaN.
+    const float m_use = m_new == kNegInf ? 0.f : m_new;
+    vf vsum = splat(0.f);
+    j = 0;
+    for (; j + kLanes <= valid; j += kLanes) {
+      const vf p = vexp(load(row + j) - m_use);
+      store(row + j, p);
+      vsum += p;
+    }
+    if (j < valid) {
+      vf x = splat(kNegInf);
+      for (int64_t t = 0; t < valid - j; ++t) x[t] = row[j + t] - m_use;
+      const vf p = vexp(x);
+      for (int64_t t = 0; t < valid - j; ++t) row[j + t] = p[t];
+      vsum += p;
+    }
+    for (j = valid; j < cols; ++j) row[j] = 0.f;
+    const float a = exp1(m[i] - m_use);
+    alpha[i] = a;
+    l[i] = l[i] * a + hsum(vsum);
+    m[i] = m_new;
+  }
+}
+
+// Backward tile: S -> P = exp(scale S + bias - lse) in place (lse = +inf for rows that saw no key).
+BUS_ATTN_INLINE void probs_tile(float* s, int64_t rows, int64_t cols, float scale, const float* bias,
+                                bool causal, int64_t diag, const float* lse) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = s + i * cols;
+    const int64_t valid = visible(causal, i, diag, cols);
+    const float li = lse[i];
+    int64_t j = 0;
+    for (; j + kLanes <= valid; j += kLanes) store(row + j, vexp(load(row + j) * scale + load(bias + j) - li));
+    if (j < valid) {
+      vf x = splat(kNegInf);
+      for (int64_t t = 0; t < valid - j; ++t) x[t] = row[j + t] * scale + bias[j + t] - li;
+      const vf p = vexp(x);
+      for (int64_t t = 0; t < valid - j; ++t) row[j + t] = p[t];
+    }
+    for (j = valid; j < cols; ++j) row[j] = 0.f;
+  }
+}
+
+// dP -> dS = P (dP - delta) in place; dbias (when given) accumulates the column sums.
+BUS_ATTN_INLINE void dscores_tile(const float* p, float* dp, int64_t rows, int64_t cols, const float* delta,
+                                  float* dbias) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* prow = p + i * cols;
+    float* row = dp + i * cols;
+    const float di = delta[i];
+    int64_t j = 0;
+    if (dbias != nullptr) {
+      for (; j + kLanes <= cols; j += kLanes) {
+        const vf ds = load(prow + j) * (load(row + j) - di);
+        store(row + j, ds);
+        store(dbias + j, load(dbias + j) + ds);
+      }
+      for (; j < cols; ++j) {
+        const float ds = prow[j] * (row[j] - di);
+        row[j] = ds;
+        dbias[j] += ds;
+      }
+    } else {
+      for (; j + kLanes <= cols; j += kLanes) store(row + j, load(prow + j) * (load(row + j) - di));
+      for (; j < cols; ++j) row[j] = prow[j] * (row[j] - di);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------- GEMM
+// C[m, n] = alpha op(A) op(B) + beta C on row-major fp32 with leading dimensions. op(A) is m x k,
+// stored [m, k] or, when trans_a, [k, m]; op(B) is k x n, stored [k, n] or, when trans_b, [n, k].
+// Strided views go to BLAS as they are (no copies): a head's rows in the packed layout are a
+// matrix with leading dimension H * d. Out of line and on the baseline ISA: the cost is BLAS's.
+__attribute__((noinline)) void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                                    const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
+                                    float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  if (k == 0) {
+    if (beta == 0.f) {
+      C.zero_();
+    } else if (beta != 1.f) {
+      C.mul_(beta);
+    }
+    return;
+  }
+  float* pa = const_cast<float*>(a);
+  float* pb = const_cast<float*>(b);
+  const at::Tensor A = trans_a ? at::from_blob(pa, {m, k}, {1, lda}, opts) : at::from_blob(pa, {m, k}, {lda, 1}, opts);
+  const at::Tensor B = trans_b ? at::from_blob(pb, {k, n}, {1, ldb}, opts) : at::from_blob(pb, {k, n}, {ldb, 1}, opts);
+  if (beta == 0.f && alpha == 1.f) {
+    at::mm_out(C, A, B);
+  } else {
+    at::addmm_out(C, C, A, B, beta, alpha);
+  }
+}
+
+// Splits n into the fewest tiles of at most `max_tile`, of near-equal size (a multiple of 8
+// where possible), so that no tile is a sliver that costs a BLAS call for little work.
+BUS_ATTN_INLINE int64_t tile_size(int64_t n, int64_t max_tile) {
+  if (n <= max_tile) return std::max<int64_t>(n, 1);
+  const int64_t tiles = (n + max_tile - 1) / max_tile;
+  const int64_t size = (n + tiles - 1) / tiles;
+  return std::min(max_tile, (size + 7) / 8 * 8);
+}
+
+// --------------------------------------------------------------------------------- problem
+struct Task {
+  int64_t b, h, q_begin, q_end, cost;
+};
+
+struct Problem {
+  const int32_t* cu;
+  int64_t H, d;
+  int64_t longest;  // longest sequence actually present (sizes the scratch)
+  float scale;
+  bool causal;
+  const float* bias;  // fp32 [total, H] or [total], or null
+  bool bias_per_head;
+  std::vector<Task> tasks;
+};
+
+// Key bias of sequence rows [start, start + n) for head h, as a contiguous fp32 row (zeros if none).
+BUS_ATTN_INLINE void gather_bias(const Problem& p, int64_t start, int64_t n, int64_t h, float* dst) {
+  if (p.bias == nullptr) {
+    std::fill(dst, dst + n, 0.f);
+  } else if (p.bias_per_head) {
+    for (int64_t j = 0; j < n; ++j) dst[j] = p.bias[(start + j) * p.H + h];
+  } else {
+    std::memcpy(dst, p.bias + start, n * sizeof(float));
+  }
+}
+
+// (sequence, head) tasks, split along queries (forward only: the backward's dK/dV rows belong
+// to the whole sequence) when there are too few to keep every thread busy. Largest first.
+std::vector<Task> make_tasks(const int32_t* cu, int64_t B, int64_t H, bool causal, bool split_queries) {
+  std::vector<Task> tasks;
+  int64_t pieces = 1;
+  if (split_queries) {
+    const int64_t want = 4 * int64_t(at::get_num_threads());
+    const int64_t heads = std::max<int64_t>(B * H, 1);
+    pieces = std::max<int64_t>((want + heads - 1) / heads, 1);
+  }
+  tasks.reserve(B * H * pieces);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = int64_t(cu[b + 1]) - cu[b];
+    if (n == 0) continue;
+    // Chunks of whole query tiles, so a chunk boundary never adds a tile.
+    const int64_t tiles = (n + kBlockQ - 1) / kBlockQ;
+    const int64_t chunks = std::min(pieces, tiles);
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t q0 = std::min(n, (tiles * c / chunks) * kBlockQ);
+        const int64_t q1 = std::min(n, (tiles * (c + 1) / chunks) * kBlockQ);
+        // Keys seen: all n, or up to the query for causal.
+        const int64_t keys = causal ? (q1 + q0 + 1) / 2 : n;
+        tasks.push_back({b, h, q0, q1, (q1 - q0) * keys});
+      }
+    }
+  }
+  std::stable_sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.cost > y.cost; });
+  return tasks;
+}
+
+// Runs `worker(next)` on every thread; each pulls task indices from `next` until none are left.
+template <typename F>
+void run_workers(int64_t num_tasks, const F& worker) {
+  if (num_tasks == 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_tasks);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    // The BLAS calls below are internal: skip autograd and view tracking on the way to the kernel.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    worker(next);
+  });
+}
+
+// -------------------------------------------------------------------------------- forward
+template <typename scalar_t>
+struct Forward {
+  const Problem& p;
+  const scalar_t *q, *k, *v;
+  scalar_t* out;
+  float* lse;
+};
+
+template <typename scalar_t>
+BUS_ATTN_INLINE void forward_worker(const Forward<scalar_t>& f, std::atomic<int64_t>& next) {
+  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+  const Problem& p = f.p;
+  const int64_t H = p.H, d = p.d, ld = H * d, L = p.longest;
+  const int64_t num_tasks = int64_t(p.tasks.size());
+
+  // fp32 reads q, k, v in place; half types convert a head's K, V (and a Q tile) once.
+  const int64_t convert = kFloat ? 0 : 2 * L * d + kBlockQ * d;
+  std::unique_ptr<float[]> scratch(new float[convert + kBlockQ * kBlockK + kBlockQ * d + 3 * kBlockQ + L]);
+  float* kbuf = scratch.get();
+  float* vbuf = kbuf + L * d;
+  float* qbuf = vbuf + L * d;
+  float* s = scratch.get() + convert;
+  float* o = s + kBlockQ * kBlockK;
+  float* m = o + kBlockQ * d;
+  float* l = m + kBlockQ;
+  float* alpha = l + kBlockQ;
+  float* bias = alpha + kBlockQ;
+
+  for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < num_tasks;) {
+    const Task& task = p.tasks[t];
+    const int64_t start = p.cu[task.b], n = int64_t(p.cu[task.b + 1]) - start, h = task.h;
+    const int64_t keys = p.causal ? task.q_end : n;
+    const scalar_t* qh = f.q + start * ld + h * d;
+    const scalar_t* kh = f.k + start * ld + h * d;
+    const scalar_t* vh = f.v + start * ld + h * d;
+    const float *K, *V;
+    int64_t ldkv;
+    if constexpr (kFloat) {
+      K = kh;
+      V = vh;
+      ldkv = ld;
+    } else {
+      rows_to_float(kh, ld, keys, d, kbuf);
+      rows_to_float(vh, ld, keys, d, vbuf);
+      K = kbuf;
+      V = vbuf;
+      ldkv = d;
+    }
+    gather_bias(p, start, keys, h, bias);
+
+    for (int64_t q0 = task.q_begin; q0 < task.q_end; q0 += kBlockQ) {
+      const int64_t bq = std::min(kBlockQ, task.q_end - q0);
+      const float* Q;
+      int64_t ldq;
+      if constexpr (kFloat) {
+        Q = qh + q0 * ld;
+        ldq = ld;
+      } else {
+        rows_to_float(qh + q0 * ld, ld, bq, d, qbuf);
+        Q = qbuf;
+        ldq = d;
+      }
+      const int64_t k_end = p.causal ? q0 + bq : n;
+      const int64_t bk = tile_size(k_end, kBlockK);
+      std::fill(m, m + bq, kNegInf);
+      std::fill(l, l + bq, 0.f);
+      for (int64_t k0 = 0; k0 < k_end; k0 += bk) {
+        const int64_t kb = std::min(bk, k_end - k0);
+        gemm(false, true, bq, kb, d, 1.f, Q, ldq, K + k0 * ldkv, ldkv, 0.f, s, kb);
+        softmax_tile(s, bq, kb, p.scale, bias + k0, p.causal, q0 - k0, m, l, alpha);
+        if (k0 > 0) {
+          for (int64_t i = 0; i < bq; ++i) {
+            float* row = o + i * d;
+            const float a = alpha[i];
+            for (int64_t c = 0; c < d; ++c) row[c] *= a;
+          }
+        }
+        gemm(false, false, bq, d, kb, 1.f, s, kb, V + k0 * ldkv, ldkv, k0 > 0 ? 1.f : 0.f, o, d);
+      }
+      for (int64_t i = 0; i < bq; ++i) {
+        const int64_t row = start + q0 + i;
+        // l = 0: every key masked (a -inf bias): zeros and lse = -inf, as the reference.
+        const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+        row_from_float(o + i * d, d, inv, f.out + row * ld + h * d);
+        f.lse[row * H + h] = l[i] > 0.f ? m[i] + std::log(l[i]) : kNegInf;
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void forward_worker_baseline(const Forward<scalar_t>& f, std::atomic<int64_t>& next) {
+  forward_worker(f, next);
+}
+
+#if BUS_ATTN_X86
+template <typename scalar_t>
+BUS_ATTN_AVX2 void forward_worker_avx2(const Forward<scalar_t>& f, std::atomic<int64_t>& next) {
+  forward_worker(f, next);
+}
+#endif
+
+// ------------------------------------------------------------------------------- backward
+template <typename scalar_t>
+struct Backward {
+  const Problem& p;
+  const scalar_t *grad, *q, *k, *v, *out;
+  const float* lse;
+  scalar_t *dq, *dk, *dv;
+  float* dbias;  // fp32 [total, H], or null
+};
+
+template <typename scalar_t>
+BUS_ATTN_INLINE void backward_worker(const Backward<scalar_t>& g, std::atomic<int64_t>& next) {
+  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+  const Problem& p = g.p;
+  const int64_t H = p.H, d = p.d, ld = H * d, L = p.longest;
+  const int64_t num_tasks = int64_t(p.tasks.size());
+
+  const int64_t convert = kFloat ? 0 : 4 * L * d;
+  std::unique_ptr<float[]> scratch(new float[convert + 3 * L * d + 2 * kBlockQ * kBlockK + 4 * L + d]);
+  float* qbuf = scratch.get();
+  float* kbuf = qbuf + L * d;
+  float* vbuf = kbuf + L * d;
+  float* gbuf = vbuf + L * d;
+  float* dq = scratch.get() + convert;  // fp32 accumulators, rows d apart
+  float* dk = dq + L * d;
+  float* dv = dk + L * d;
+  float* s = dv + L * d;
+  float* ds = s + kBlockQ * kBlockK;
+  float* delta = ds + kBlockQ * kBlockK;
+  float* lse = delta + L;
+  float* bias = lse + L;
+  float* dbias = bias + L;
+  float* orow = dbias + L;
+
+  for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < num_tasks;) {
+    const Task& task = p.tasks[t];
+    const int64_t start = p.cu[task.b], n = int64_t(p.cu[task.b + 1]) - start, h = task.h;
+    const int64_t off = start * ld + h * d;
+    const float *Q, *K, *V, *dO;
+    int64_t ldx;
+    if constexpr (kFloat) {
+      Q = g.q + off;
+      K = g.k + off;
+      V = g.v + off;
+      dO = g.grad + off;
+      ldx = ld;
+    } else {
+      rows_to_float(g.q + off, ld, n, d, qbuf);
+      rows_to_float(g.k + off, ld, n, d, kbuf);
+      rows_to_float(g.v + off, ld, n, d, vbuf);
+      rows_to_float(g.grad + off, ld, n, d, gbuf);
+      Q = qbuf;
+      K = kbuf;
+      V = vbuf;
+      dO = gbuf;
+      ldx = d;
+    }
+    // delta_i = dO_i . O_i = sum_j P_ij dP_ij, from the output the forward returned.
+    for (int64_t i = 0; i < n; ++i) {
+      const scalar_t* o = g.out + off + i * ld;
+      if constexpr (kFloat) {
+        delta[i] = dot(dO + i * ldx, o, d);
+      } else {
+        row_to_float(o, d, orow);
+        delta[i] = dot(dO + i * ldx, orow, d);
+      }
+      const float li = g.lse[(start + i) * H + h];
+      lse[i] = li == kNegInf ? kPosInf : li;  // a row that saw no key: P = exp(-inf) = 0
+    }
+    gather_bias(p, start, n, h, bias);
+    for (float* acc : {dq, dk, dv}) std::fill(acc, acc + n * d, 0.f);
+    std::fill(dbias, dbias + n, 0.f);
+
+    for (int64_t q0 = 0; q0 < n; q0 += kBlockQ) {
+      const int64_t bq = std::min(kBlockQ, n - q0);
+      const float* Qb = Q + q0 * ldx;
+      const float* dOb = dO + q0 * ldx;
+      const int64_t k_end = p.causal ? q0 + bq : n;
+      const int64_t bk = tile_size(k_end, kBlockK);
+      for (int64_t k0 = 0; k0 < k_end; k0 += bk) {
+        const int64_t kb = std::min(bk, k_end - k0);
+        const float* Kb = K + k0 * ldx;
+        const float* Vb = V + k0 * ldx;
+        gemm(false, true, bq, kb, d, 1.f, Qb, ldx, Kb, ldx, 0.f, s, kb);  // S = Q K^T
+        probs_tile(s, bq, kb, p.scale, bias + k0, p.causal, q0 - k0, lse + q0);
+        gemm(true, false, kb, d, bq, 1.f, s, kb, dOb, ldx, 1.f, dv + k0 * d, d);  // dV += P^T dO
+        gemm(false, true, bq, kb, d, 1.f, dOb, ldx, Vb, ldx, 0.f, ds, kb);        // dP = dO V^T
+        dscores_tile(s, ds, bq, kb, delta + q0, g.dbias != nullptr ? dbias + k0 : nullptr);
+        gemm(false, false, bq, d, kb, p.scale, ds, kb, Kb, ldx, 1.f, dq + q0 * d, d);  // dQ += s dS K
+        gemm(true, false, kb, d, bq, p.scale, ds, kb, Qb, ldx, 1.f, dk + k0 * d, d);   // dK += s dS^T Q
+      }
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      row_from_float(dq + i * d, d, 1.f, g.dq + off + i * ld);
+      row_from_float(dk + i * d, d, 1.f, g.dk + off + i * ld);
+      row_from_float(dv + i * d, d, 1.f, g.dv + off + i * ld);
+    }
+    if (g.dbias != nullptr) {
+      for (int64_t j = 0; j < n; ++j) g.dbias[(start + j) * H + h] = dbias[j];
+    }
+  }
+}
+
+template <typename scalar_t>
+void backward_worker_baseline(const Backward<scalar_t>& g, std::atomic<int64_t>& next) {
+  backward_worker(g, next);
+}
+
+#if BUS_ATTN_X86
+template <typename scalar_t>
+BUS_ATTN_AVX2 void backward_worker_avx2(const Backward<scalar_t>& g, std::atomic<int64_t>& next) {
+  backward_worker(g, next);
+}
+#endif
+
+bool have_avx2() {
+#if BUS_ATTN_X86
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// ------------------------------------------------------------------------ argument checks
+void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 3, op, ": q must be [total, H, d], got ", q.sizes());
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": q must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(q.device().is_cpu(), op, ": q must be a CPU tensor, got ", q.device());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k", k}, {"v", v}}) {
+    TORCH_CHECK(t.sizes() == q.sizes(), op, ": ", name, " must have q's shape ", q.sizes(), ", got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == dt, op, ": ", name, " must have q's dtype ", dt, ", got ", t.scalar_type());
+    TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  }
+}
+
+// Validates cu_seqlens, max_seqlen and key_bias; fills the shape fields of `p` and returns the
+// contiguous cu_seqlens and the fp32 key bias (undefined if none).
+std::pair<at::Tensor, at::Tensor> check_problem(const char* op, const at::Tensor& q, const at::Tensor& cu_seqlens,
+                                                int64_t max_seqlen, const std::optional<at::Tensor>& key_bias,
+                                                Problem& p) {
+  const int64_t total = q.size(0), H = q.size(1);
+  TORCH_CHECK(max_seqlen >= 0, op, ": max_seqlen must be >= 0, got ", max_seqlen);
+  check_cu_seqlens_meta(op, cu_seqlens, q);
+  at::Tensor cu = cu_seqlens.contiguous();
+  const int64_t B = cu.numel() - 1;
+  const int32_t* c = cu.data_ptr<int32_t>();
+  check_cu_seqlens_values(op, c, B, total, max_seqlen);
+  at::Tensor bias;
+  if (key_bias.has_value() && key_bias->defined()) {
+    const at::Tensor& kb = *key_bias;
+    TORCH_CHECK(kb.device().is_cpu(), op, ": key_bias must be a CPU tensor, got ", kb.device());
+    TORCH_CHECK(at::isFloatingType(kb.scalar_type()), op, ": key_bias must be a float tensor, got ", kb.scalar_type());
+    const bool per_head = kb.dim() == 2 && kb.size(0) == total && kb.size(1) == H;
+    const bool per_key = kb.dim() == 1 && kb.size(0) == total;
+    TORCH_CHECK(per_head || per_key, op, ": key_bias must be [total=", total, ", H=", H, "] or [total=", total,
+                "], got ", kb.sizes());
+    bias = kb.to(at::kFloat).contiguous();
+    p.bias = bias.data_ptr<float>();
+    p.bias_per_head = per_head;
+  } else {
+    p.bias = nullptr;
+    p.bias_per_head = false;
+  }
+  p.cu = c;
+  p.H = H;
+  p.d = q.size(2);
+  p.longest = 0;
+  for (int64_t b = 0; b < B; ++b) p.longest = std::max<int64_t>(p.longest, int64_t(c[b + 1]) - c[b]);
+  return {cu, bias};
+}
+
+// ------------------------------------------------------------------------------ entry points
+// Calls f(scalar_t{}) for the three supported dtypes (checked before).
+template <typename F>
+void dispatch_dtype(at::ScalarType dt, const F& f) {
+  switch (dt) {
+    case at::kFloat:
+      return f(float{});
+    case at::kHalf:
+      return f(c10::Half{});
+    case at::kBFloat16:
+      return f(c10::BFloat16{});
+    default:
+      TORCH_CHECK(false, "bus_kernels_C::varlen_attention: unsupported dtype ", dt);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                        const at::Tensor& v_in, const at::Tensor& cu_seqlens,
+                                                        int64_t max_seqlen, double scale, bool causal,
+                                                        const std::optional<at::Tensor>& key_bias) {
+  const char* op = "bus_kernels_C::varlen_attention";
+  check_qkv(op, q_in, k_in, v_in);
+  Problem p;
+  const auto keep_alive = check_problem(op, q_in, cu_seqlens, max_seqlen, key_bias, p);
+  p.scale = float(scale);
+  p.causal = causal;
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  at::Tensor out = at::empty_like(q);
+  at::Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
+  p.tasks = make_tasks(p.cu, cu_seqlens.numel() - 1, p.H, causal, /*split_queries=*/true);
+  dispatch_dtype(q.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const Forward<scalar_t> f{p, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                              out.data_ptr<scalar_t>(), lse.data_ptr<float>()};
+#if BUS_ATTN_X86
+    if (have_avx2()) {
+      run_workers(int64_t(p.tasks.size()), [&](std::atomic<int64_t>& next) { forward_worker_avx2(f, next); });
+      return;
+    }
+#endif
+    run_workers(int64_t(p.tasks.size()), [&](std::atomic<int64_t>& next) { forward_worker_baseline(f, next); });
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& cu_seqlens, int64_t max_seqlen,
+    double scale, bool causal, const std::optional<at::Tensor>& key_bias) {
+  const char* op = "bus_kernels_C::varlen_attention_backward";
+  check_qkv(op, q_in, k_in, v_in);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"grad", grad_in}, {"out", out_in}}) {
+    TORCH_CHECK(t.sizes() == q_in.sizes(), op, ": ", name, " must have q's shape ", q_in.sizes(), ", got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == q_in.scalar_type(), op, ": ", name, " must have q's dtype ", q_in.scalar_type(),
+                ", got ", t.scalar_type());
+    TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  }
+  TORCH_CHECK(lse_in.dim() == 2 && lse_in.size(0) == q_in.size(0) && lse_in.size(1) == q_in.size(1), op,
+              ": lse must be [total=", q_in.size(0), ", H=", q_in.size(1), "], got ", lse_in.sizes());
+  TORCH_CHECK(lse_in.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse_in.scalar_type());
+  TORCH_CHECK(lse_in.device().is_cpu(), op, ": lse must be a CPU tensor, got ", lse_in.device());
+  Problem p;
+  const auto keep_alive = check_problem(op, q_in, cu_seqlens, max_seqlen, key_bias, p);
+  p.scale = float(scale);
+  p.causal = causal;
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const at::Tensor grad = grad_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  const bool has_bias = p.bias != nullptr;
+  // Per head, then summed over heads for a per-key bias: each task writes only its own column.
+  at::Tensor dbias_heads = has_bias ? at::empty({q.size(0), p.H}, q.options().dtype(at::kFloat)) : at::Tensor();
+  p.tasks = make_tasks(p.cu, cu_seqlens.numel() - 1, p.H, causal, /*split_queries=*/false);
+  dispatch_dtype(q.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const Backward<scalar_t> g{p,
+                               grad.data_ptr<scalar_t>(),
+                               q.data_ptr<scalar_t>(),
+                               k.data_ptr<scalar_t>(),
+                               v.data_ptr<scalar_t>(),
+                               out.data_ptr<scalar_t>(),
+                               lse.data_ptr<float>(),
+                               dq.data_ptr<scalar_t>(),
+                               dk.data_ptr<scalar_t>(),
+                               dv.data_ptr<scalar_t>(),
+                               has_bias ? dbias_heads.data_ptr<float>() : nullptr};
+#if BUS_ATTN_X86
+    if (have_avx2()) {
+      run_workers(int64_t(p.tasks.size()), [&](std::atomic<int64_t>& next) { backward_worker_avx2(g, next); });
+      return;
+    }
+#endif
+    run_workers(int64_t(p.tasks.size()), [&](std::atomic<int64_t>& next) { backward_worker_baseline(g, next); });
+  });
+  if (!has_bias) return {dq, dk, dv, at::empty({0}, q_in.options())};
+  const at::Tensor summed = p.bias_per_head ? dbias_heads : dbias_heads.sum(1);
+  return {dq, dk, dv, summed.to(key_bias->scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bus_kernels_C, CPU, m) {
+  m.impl("varlen_attention", &varlen_attention_cpu);
+  m.impl("varlen_attention_backward", &varlen_attention_backward_cpu);
+}
+
+}  // namespace bus_kernels
