@@ -353,6 +353,40 @@ std::vector<Task> make_tasks(const int32_t* cu, int64_t B, int64_t H, bool causa
   return tasks;
 }
 
+// PyTorch turns MKL's dynamic threading off, and libgomp allows nested parallel regions, so an
+// MKL sgemm called from inside at::parallel_for starts a nested team of threads per call. On a
+// busy machine every product then waits on oversubscribed, spinning threads (forward passes went
+// from 30 ms to seconds). Each worker asks MKL for one thread, on its own thread only, through
+// MKL's C interface (the lower-case export is the Fortran one, which takes a pointer). Weak: a
+// torch built on another BLAS has no such symbol, and OpenBLAS already runs single-threaded
+// inside an OpenMP region.
+#if defined(__linux__) && defined(__GNUC__)
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+#endif
+
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas() {
+#if defined(__linux__) && defined(__GNUC__)
+    if (&MKL_Set_Num_Threads_Local != nullptr) {
+      previous_ = MKL_Set_Num_Threads_Local(1);
+      active_ = true;
+    }
+#endif
+  }
+  ~SingleThreadedBlas() {
+#if defined(__linux__) && defined(__GNUC__)
+    if (active_) MKL_Set_Num_Threads_Local(previous_);  // 0 restores the global setting
+#endif
+  }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool active_ = false;
+};
+
 // Runs `worker(next)` on every thread; each pulls task indices from `next` until none are left.
 template <typename F>
 void run_workers(int64_t num_tasks, const F& worker) {
@@ -360,6 +394,7 @@ void run_workers(int64_t num_tasks, const F& worker) {
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_tasks);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    SingleThreadedBlas one_thread;
     // The BLAS calls below are internal: skip autograd and view tracking on the way to the kernel.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     worker(next);
