@@ -230,12 +230,15 @@ BUS_ATTN_INLINE void probs_tile(float* s, int64_t rows, int64_t cols, float scal
   }
 }
 
-// dP -> dS = P (dP - delta) in place; dbias (when given) accumulates the column sums.
-BUS_ATTN_INLINE void dscores_tile(const float* p, float* dp, int64_t rows, int64_t cols, const float* delta,
-                                  float* dbias) {
+// dP -> dS = P (dP - delta) in place; dbias (when given) accumulates the column sums. When the
+// tile holds each row's every key, delta = sum_j P_ij dP_ij is computed here from the tile, in
+// fp32 (`tile_delta`); otherwise it was computed from the output, delta_i = dO_i . O_i.
+BUS_ATTN_INLINE void dscores_tile(const float* p, float* dp, int64_t rows, int64_t cols, bool tile_delta,
+                                  float* delta, float* dbias) {
   for (int64_t i = 0; i < rows; ++i) {
     const float* prow = p + i * cols;
     float* row = dp + i * cols;
+    if (tile_delta) delta[i] = dot(prow, row, cols);
     const float di = delta[i];
     int64_t j = 0;
     if (dbias != nullptr) {
@@ -306,14 +309,15 @@ struct Problem {
   int64_t longest;  // longest sequence actually present (sizes the scratch)
   float scale;
   bool causal;
-  const float* bias;  // fp32 [total, H] or [total], or null
+  bool has_bias;
+  const float* bias;  // fp32 [total, H] or [total] (null when empty, as data_ptr of no elements is)
   bool bias_per_head;
   std::vector<Task> tasks;
 };
 
 // Key bias of sequence rows [start, start + n) for head h, as a contiguous fp32 row (zeros if none).
 BUS_ATTN_INLINE void gather_bias(const Problem& p, int64_t start, int64_t n, int64_t h, float* dst) {
-  if (p.bias == nullptr) {
+  if (!p.has_bias) {
     std::fill(dst, dst + n, 0.f);
   } else if (p.bias_per_head) {
     for (int64_t j = 0; j < n; ++j) dst[j] = p.bias[(start + j) * p.H + h];
@@ -561,15 +565,7 @@ BUS_ATTN_INLINE void backward_worker(const Backward<scalar_t>& g, std::atomic<in
       dO = gbuf;
       ldx = d;
     }
-    // delta_i = dO_i . O_i = sum_j P_ij dP_ij, from the output the forward returned.
     for (int64_t i = 0; i < n; ++i) {
-      const scalar_t* o = g.out + off + i * ld;
-      if constexpr (kFloat) {
-        delta[i] = dot(dO + i * ldx, o, d);
-      } else {
-        row_to_float(o, d, orow);
-        delta[i] = dot(dO + i * ldx, orow, d);
-      }
       const float li = g.lse[(start + i) * H + h];
       lse[i] = li == kNegInf ? kPosInf : li;  // a row that saw no key: P = exp(-inf) = 0
     }
@@ -583,6 +579,21 @@ BUS_ATTN_INLINE void backward_worker(const Backward<scalar_t>& g, std::atomic<in
       const float* dOb = dO + q0 * ldx;
       const int64_t k_end = p.causal ? q0 + bq : n;
       const int64_t bk = tile_size(k_end, kBlockK);
+      // delta_i = sum_j P_ij dP_ij. With one key tile it comes from the tile itself. Otherwise it is
+      // needed before the last tile is seen, and comes from the output: delta_i = dO_i . O_i, which
+      // for fp16/bf16 carries O's rounding (as in flash attention), the reason to prefer the tile.
+      const bool tile_delta = bk >= k_end;
+      if (!tile_delta) {
+        for (int64_t i = q0; i < q0 + bq; ++i) {
+          const scalar_t* o = g.out + off + i * ld;
+          if constexpr (kFloat) {
+            delta[i] = dot(dO + i * ldx, o, d);
+          } else {
+            row_to_float(o, d, orow);
+            delta[i] = dot(dO + i * ldx, orow, d);
+          }
+        }
+      }
       for (int64_t k0 = 0; k0 < k_end; k0 += bk) {
         const int64_t kb = std::min(bk, k_end - k0);
         const float* Kb = K + k0 * ldx;
@@ -591,7 +602,7 @@ BUS_ATTN_INLINE void backward_worker(const Backward<scalar_t>& g, std::atomic<in
         probs_tile(s, bq, kb, p.scale, bias + k0, p.causal, q0 - k0, lse + q0);
         gemm(true, false, kb, d, bq, 1.f, s, kb, dOb, ldx, 1.f, dv + k0 * d, d);  // dV += P^T dO
         gemm(false, true, bq, kb, d, 1.f, dOb, ldx, Vb, ldx, 0.f, ds, kb);        // dP = dO V^T
-        dscores_tile(s, ds, bq, kb, delta + q0, g.dbias != nullptr ? dbias + k0 : nullptr);
+        dscores_tile(s, ds, bq, kb, tile_delta, delta + q0, p.has_bias ? dbias + k0 : nullptr);
         gemm(false, false, bq, d, kb, p.scale, ds, kb, Kb, ldx, 1.f, dq + q0 * d, d);  // dQ += s dS K
         gemm(true, false, kb, d, bq, p.scale, ds, kb, Qb, ldx, 1.f, dk + k0 * d, d);   // dK += s dS^T Q
       }
@@ -601,7 +612,7 @@ BUS_ATTN_INLINE void backward_worker(const Backward<scalar_t>& g, std::atomic<in
       row_from_float(dk + i * d, d, 1.f, g.dk + off + i * ld);
       row_from_float(dv + i * d, d, 1.f, g.dv + off + i * ld);
     }
-    if (g.dbias != nullptr) {
+    if (p.has_bias) {
       for (int64_t j = 0; j < n; ++j) g.dbias[(start + j) * H + h] = dbias[j];
     }
   }
@@ -664,9 +675,11 @@ std::pair<at::Tensor, at::Tensor> check_problem(const char* op, const at::Tensor
     TORCH_CHECK(per_head || per_key, op, ": key_bias must be [total=", total, ", H=", H, "] or [total=", total,
                 "], got ", kb.sizes());
     bias = kb.to(at::kFloat).contiguous();
+    p.has_bias = true;
     p.bias = bias.data_ptr<float>();
     p.bias_per_head = per_head;
   } else {
+    p.has_bias = false;
     p.bias = nullptr;
     p.bias_per_head = false;
   }
@@ -746,7 +759,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_attention_back
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const at::Tensor grad = grad_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  const bool has_bias = p.bias != nullptr;
+  const bool has_bias = p.has_bias;
   // Per head, then summed over heads for a per-key bias: each task writes only its own column.
   at::Tensor dbias_heads = has_bias ? at::empty({q.size(0), p.H}, q.options().dtype(at::kFloat)) : at::Tensor();
   p.tasks = make_tasks(p.cu, cu_seqlens.numel() - 1, p.H, causal, /*split_queries=*/false);
