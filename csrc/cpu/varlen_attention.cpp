@@ -21,10 +21,13 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -357,13 +360,11 @@ std::vector<Task> make_tasks(const int32_t* cu, int64_t B, int64_t H, bool causa
   return tasks;
 }
 
-// PyTorch turns MKL's dynamic threading off, and libgomp allows nested parallel regions, so an
-// MKL sgemm called from inside at::parallel_for starts a nested team of threads per call. On a
-// busy machine every product then waits on oversubscribed, spinning threads (forward passes went
-// from 30 ms to seconds). Each worker asks MKL for one thread, on its own thread only, through
-// MKL's C interface (the lower-case export is the Fortran one, which takes a pointer). Weak: a
-// torch built on another BLAS has no such symbol, and OpenBLAS already runs single-threaded
-// inside an OpenMP region.
+// Workers call MKL from their own threads; PyTorch turns MKL's dynamic threading off, so MKL
+// would start a team of threads per product, and on a busy machine every product then waits on
+// oversubscribed, spinning threads (forward passes went from 30 ms to seconds). Each worker asks
+// MKL for one thread, on its own thread only, through MKL's C interface (the lower-case export
+// is the Fortran one, which takes a pointer). Weak: a torch built on another BLAS lacks it.
 #if defined(__linux__) && defined(__GNUC__)
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 #endif
@@ -391,19 +392,71 @@ class SingleThreadedBlas {
   bool active_ = false;
 };
 
-// Runs `worker(next)` on every thread; each pulls task indices from `next` until none are left.
+// Tasks handed out one at a time, in order (largest first), to whichever worker asks next.
+class TaskQueue {
+ public:
+  explicit TaskQueue(int64_t num_tasks) : num_tasks_(num_tasks) {}
+
+  // The next task, or -1 once all are handed out.
+  int64_t claim() {
+    const int64_t t = next_.fetch_add(1, std::memory_order_relaxed);
+    return t < num_tasks_ ? t : -1;
+  }
+
+  // Marks a claimed task done, with the error it raised if any.
+  void finish(std::exception_ptr error) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (error && !error_) error_ = error;
+    if (++done_ == num_tasks_) all_done_.notify_all();
+  }
+
+  // Waits for every task; rethrows the first error.
+  void wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    all_done_.wait(lock, [&] { return done_ == num_tasks_; });
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  const int64_t num_tasks_;
+  std::atomic<int64_t> next_{0};
+  std::mutex mutex_;
+  std::condition_variable all_done_;
+  int64_t done_ = 0;
+  std::exception_ptr error_;
+};
+
+// Runs the tasks on the calling thread and at::get_num_threads() - 1 helpers from PyTorch's
+// inter-op pool. Not at::parallel_for: its OpenMP implementation lives in headers and needs
+// -fopenmp, which this extension is not built with, so there it runs on the calling thread only.
+// `worker(queue, first)` runs task `first`, then claims more until none are left. A helper claims
+// its first task before touching anything of the caller's, and the caller returns only once
+// every claimed task is done, so a helper that starts late finds the queue empty and leaves.
 template <typename F>
 void run_workers(int64_t num_tasks, const F& worker) {
   if (num_tasks == 0) return;
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_tasks);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    SingleThreadedBlas one_thread;
-    // The BLAS calls below are internal: skip autograd and view tracking on the way to the kernel.
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    worker(next);
-  });
+  auto queue = std::make_shared<TaskQueue>(num_tasks);
+  const int64_t helpers = at::in_parallel_region() ? 0 : std::min<int64_t>(at::get_num_threads(), num_tasks) - 1;
+  for (int64_t i = 0; i < helpers; ++i) {
+    try {
+      at::launch([queue, worker] {
+        const int64_t first = queue->claim();
+        if (first >= 0) worker(*queue, first);
+      });
+    } catch (...) {
+      break;  // no pool: the calling thread does the rest
+    }
+  }
+  const int64_t first = queue->claim();
+  if (first >= 0) worker(*queue, first);
+  queue->wait();
 }
+
+// Per worker thread: one BLAS thread, and no autograd or view tracking on the internal products.
+struct WorkerGuards {
+  SingleThreadedBlas one_blas_thread;
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+};
 
 // -------------------------------------------------------------------------------- forward
 template <typename scalar_t>
@@ -414,97 +467,116 @@ struct Forward {
   float* lse;
 };
 
+// One worker's fp32 scratch for the forward.
+struct ForwardScratch {
+  std::unique_ptr<float[]> memory;
+  float *kbuf, *vbuf, *qbuf;  // half types: a head's K and V, one Q tile
+  float *s, *o, *m, *l, *alpha, *bias;
+
+  ForwardScratch(int64_t L, int64_t d, bool convert) {
+    const int64_t converted = convert ? 2 * L * d + kBlockQ * d : 0;
+    memory.reset(new float[converted + kBlockQ * kBlockK + kBlockQ * d + 3 * kBlockQ + L]);
+    kbuf = memory.get();
+    vbuf = kbuf + L * d;
+    qbuf = vbuf + L * d;
+    s = memory.get() + converted;
+    o = s + kBlockQ * kBlockK;
+    m = o + kBlockQ * d;
+    l = m + kBlockQ;
+    alpha = l + kBlockQ;
+    bias = alpha + kBlockQ;
+  }
+};
+
 template <typename scalar_t>
-BUS_ATTN_INLINE void forward_worker(const Forward<scalar_t>& f, std::atomic<int64_t>& next) {
-  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+BUS_ATTN_INLINE void forward_task(const Forward<scalar_t>& f, const Task& task, const ForwardScratch& w) {
   const Problem& p = f.p;
-  const int64_t H = p.H, d = p.d, ld = H * d, L = p.longest;
-  const int64_t num_tasks = int64_t(p.tasks.size());
+  const int64_t H = p.H, d = p.d, ld = H * d;
+  const int64_t start = p.cu[task.b], n = int64_t(p.cu[task.b + 1]) - start, h = task.h;
+  const int64_t keys = p.causal ? task.q_end : n;
+  const scalar_t* qh = f.q + start * ld + h * d;
+  const scalar_t* kh = f.k + start * ld + h * d;
+  const scalar_t* vh = f.v + start * ld + h * d;
+  // fp32 goes to BLAS in place (rows H * d apart); half types convert a head's K and V once.
+  const float *K, *V;
+  int64_t ldkv;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    K = kh;
+    V = vh;
+    ldkv = ld;
+  } else {
+    rows_to_float(kh, ld, keys, d, w.kbuf);
+    rows_to_float(vh, ld, keys, d, w.vbuf);
+    K = w.kbuf;
+    V = w.vbuf;
+    ldkv = d;
+  }
+  gather_bias(p, start, keys, h, w.bias);
 
-  // fp32 reads q, k, v in place; half types convert a head's K, V (and a Q tile) once.
-  const int64_t convert = kFloat ? 0 : 2 * L * d + kBlockQ * d;
-  std::unique_ptr<float[]> scratch(new float[convert + kBlockQ * kBlockK + kBlockQ * d + 3 * kBlockQ + L]);
-  float* kbuf = scratch.get();
-  float* vbuf = kbuf + L * d;
-  float* qbuf = vbuf + L * d;
-  float* s = scratch.get() + convert;
-  float* o = s + kBlockQ * kBlockK;
-  float* m = o + kBlockQ * d;
-  float* l = m + kBlockQ;
-  float* alpha = l + kBlockQ;
-  float* bias = alpha + kBlockQ;
-
-  for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < num_tasks;) {
-    const Task& task = p.tasks[t];
-    const int64_t start = p.cu[task.b], n = int64_t(p.cu[task.b + 1]) - start, h = task.h;
-    const int64_t keys = p.causal ? task.q_end : n;
-    const scalar_t* qh = f.q + start * ld + h * d;
-    const scalar_t* kh = f.k + start * ld + h * d;
-    const scalar_t* vh = f.v + start * ld + h * d;
-    const float *K, *V;
-    int64_t ldkv;
-    if constexpr (kFloat) {
-      K = kh;
-      V = vh;
-      ldkv = ld;
+  for (int64_t q0 = task.q_begin; q0 < task.q_end; q0 += kBlockQ) {
+    const int64_t bq = std::min(kBlockQ, task.q_end - q0);
+    const float* Q;
+    int64_t ldq;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      Q = qh + q0 * ld;
+      ldq = ld;
     } else {
-      rows_to_float(kh, ld, keys, d, kbuf);
-      rows_to_float(vh, ld, keys, d, vbuf);
-      K = kbuf;
-      V = vbuf;
-      ldkv = d;
+      rows_to_float(qh + q0 * ld, ld, bq, d, w.qbuf);
+      Q = w.qbuf;
+      ldq = d;
     }
-    gather_bias(p, start, keys, h, bias);
-
-    for (int64_t q0 = task.q_begin; q0 < task.q_end; q0 += kBlockQ) {
-      const int64_t bq = std::min(kBlockQ, task.q_end - q0);
-      const float* Q;
-      int64_t ldq;
-      if constexpr (kFloat) {
-        Q = qh + q0 * ld;
-        ldq = ld;
-      } else {
-        rows_to_float(qh + q0 * ld, ld, bq, d, qbuf);
-        Q = qbuf;
-        ldq = d;
-      }
-      const int64_t k_end = p.causal ? q0 + bq : n;
-      const int64_t bk = tile_size(k_end, kBlockK);
-      std::fill(m, m + bq, kNegInf);
-      std::fill(l, l + bq, 0.f);
-      for (int64_t k0 = 0; k0 < k_end; k0 += bk) {
-        const int64_t kb = std::min(bk, k_end - k0);
-        gemm(false, true, bq, kb, d, 1.f, Q, ldq, K + k0 * ldkv, ldkv, 0.f, s, kb);
-        softmax_tile(s, bq, kb, p.scale, bias + k0, p.causal, q0 - k0, m, l, alpha);
-        if (k0 > 0) {
-          for (int64_t i = 0; i < bq; ++i) {
-            float* row = o + i * d;
-            const float a = alpha[i];
-            for (int64_t c = 0; c < d; ++c) row[c] *= a;
-          }
+    const int64_t k_end = p.causal ? q0 + bq : n;
+    const int64_t bk = tile_size(k_end, kBlockK);
+    std::fill(w.m, w.m + bq, kNegInf);
+    std::fill(w.l, w.l + bq, 0.f);
+    for (int64_t k0 = 0; k0 < k_end; k0 += bk) {
+      const int64_t kb = std::min(bk, k_end - k0);
+      gemm(false, true, bq, kb, d, 1.f, Q, ldq, K + k0 * ldkv, ldkv, 0.f, w.s, kb);  // S = Q K^T
+      softmax_tile(w.s, bq, kb, p.scale, w.bias + k0, p.causal, q0 - k0, w.m, w.l, w.alpha);
+      if (k0 > 0) {  // a later key tile raised some row maxima: rescale what O holds
+        for (int64_t i = 0; i < bq; ++i) {
+          float* row = w.o + i * d;
+          const float a = w.alpha[i];
+          for (int64_t c = 0; c < d; ++c) row[c] *= a;
         }
-        gemm(false, false, bq, d, kb, 1.f, s, kb, V + k0 * ldkv, ldkv, k0 > 0 ? 1.f : 0.f, o, d);
       }
-      for (int64_t i = 0; i < bq; ++i) {
-        const int64_t row = start + q0 + i;
-        // l = 0: every key masked (a -inf bias): zeros and lse = -inf, as the reference.
-        const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
-        row_from_float(o + i * d, d, inv, f.out + row * ld + h * d);
-        f.lse[row * H + h] = l[i] > 0.f ? m[i] + std::log(l[i]) : kNegInf;
-      }
+      gemm(false, false, bq, d, kb, 1.f, w.s, kb, V + k0 * ldkv, ldkv, k0 > 0 ? 1.f : 0.f, w.o, d);  // O += P V
+    }
+    for (int64_t i = 0; i < bq; ++i) {
+      const int64_t row = start + q0 + i;
+      // l = 0: every key masked (a -inf bias): zeros and lse = -inf, as the reference.
+      const float inv = w.l[i] > 0.f ? 1.f / w.l[i] : 0.f;
+      row_from_float(w.o + i * d, d, inv, f.out + row * ld + h * d);
+      f.lse[row * H + h] = w.l[i] > 0.f ? w.m[i] + std::log(w.l[i]) : kNegInf;
     }
   }
 }
 
+// Runs task `t`, then claims more until none are left.
 template <typename scalar_t>
-void forward_worker_baseline(const Forward<scalar_t>& f, std::atomic<int64_t>& next) {
-  forward_worker(f, next);
+BUS_ATTN_INLINE void forward_worker(const Forward<scalar_t>& f, TaskQueue& queue, int64_t t) {
+  WorkerGuards guards;
+  const ForwardScratch w(f.p.longest, f.p.d, !std::is_same_v<scalar_t, float>);
+  for (; t >= 0; t = queue.claim()) {
+    std::exception_ptr error;
+    try {
+      forward_task(f, f.p.tasks[t], w);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    queue.finish(error);
+  }
+}
+
+template <typename scalar_t>
+void forward_worker_baseline(const Forward<scalar_t>& f, TaskQueue& queue, int64_t t) {
+  forward_worker(f, queue, t);
 }
 
 #if BUS_ATTN_X86
 template <typename scalar_t>
-BUS_ATTN_AVX2 void forward_worker_avx2(const Forward<scalar_t>& f, std::atomic<int64_t>& next) {
-  forward_worker(f, next);
+BUS_ATTN_AVX2 void forward_worker_avx2(const Forward<scalar_t>& f, TaskQueue& queue, int64_t t) {
+  forward_worker(f, queue, t);
 }
 #endif
 
@@ -518,115 +590,135 @@ struct Backward {
   float* dbias;  // fp32 [total, H], or null
 };
 
+// One worker's fp32 scratch for the backward.
+struct BackwardScratch {
+  std::unique_ptr<float[]> memory;
+  float *qbuf, *kbuf, *vbuf, *gbuf;  // half types: a head's Q, K, V, dO
+  float *dq, *dk, *dv;               // accumulators, rows d apart
+  float *s, *ds, *delta, *lse, *bias, *dbias, *orow;
+
+  BackwardScratch(int64_t L, int64_t d, bool convert) {
+    const int64_t converted = convert ? 4 * L * d : 0;
+    memory.reset(new float[converted + 3 * L * d + 2 * kBlockQ * kBlockK + 4 * L + d]);
+    qbuf = memory.get();
+    kbuf = qbuf + L * d;
+    vbuf = kbuf + L * d;
+    gbuf = vbuf + L * d;
+    dq = memory.get() + converted;
+    dk = dq + L * d;
+    dv = dk + L * d;
+    s = dv + L * d;
+    ds = s + kBlockQ * kBlockK;
+    delta = ds + kBlockQ * kBlockK;
+    lse = delta + L;
+    bias = lse + L;
+    dbias = bias + L;
+    orow = dbias + L;
+  }
+};
+
 template <typename scalar_t>
-BUS_ATTN_INLINE void backward_worker(const Backward<scalar_t>& g, std::atomic<int64_t>& next) {
+BUS_ATTN_INLINE void backward_task(const Backward<scalar_t>& g, const Task& task, const BackwardScratch& w) {
   constexpr bool kFloat = std::is_same_v<scalar_t, float>;
   const Problem& p = g.p;
-  const int64_t H = p.H, d = p.d, ld = H * d, L = p.longest;
-  const int64_t num_tasks = int64_t(p.tasks.size());
+  const int64_t H = p.H, d = p.d, ld = H * d;
+  const int64_t start = p.cu[task.b], n = int64_t(p.cu[task.b + 1]) - start, h = task.h;
+  const int64_t off = start * ld + h * d;
+  const float *Q, *K, *V, *dO;
+  int64_t ldx;
+  if constexpr (kFloat) {
+    Q = g.q + off;
+    K = g.k + off;
+    V = g.v + off;
+    dO = g.grad + off;
+    ldx = ld;
+  } else {
+    rows_to_float(g.q + off, ld, n, d, w.qbuf);
+    rows_to_float(g.k + off, ld, n, d, w.kbuf);
+    rows_to_float(g.v + off, ld, n, d, w.vbuf);
+    rows_to_float(g.grad + off, ld, n, d, w.gbuf);
+    Q = w.qbuf;
+    K = w.kbuf;
+    V = w.vbuf;
+    dO = w.gbuf;
+    ldx = d;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const float li = g.lse[(start + i) * H + h];
+    w.lse[i] = li == kNegInf ? kPosInf : li;  // a row that saw no key: P = exp(-inf) = 0
+  }
+  gather_bias(p, start, n, h, w.bias);
+  for (float* acc : {w.dq, w.dk, w.dv}) std::fill(acc, acc + n * d, 0.f);
+  std::fill(w.dbias, w.dbias + n, 0.f);
 
-  const int64_t convert = kFloat ? 0 : 4 * L * d;
-  std::unique_ptr<float[]> scratch(new float[convert + 3 * L * d + 2 * kBlockQ * kBlockK + 4 * L + d]);
-  float* qbuf = scratch.get();
-  float* kbuf = qbuf + L * d;
-  float* vbuf = kbuf + L * d;
-  float* gbuf = vbuf + L * d;
-  float* dq = scratch.get() + convert;  // fp32 accumulators, rows d apart
-  float* dk = dq + L * d;
-  float* dv = dk + L * d;
-  float* s = dv + L * d;
-  float* ds = s + kBlockQ * kBlockK;
-  float* delta = ds + kBlockQ * kBlockK;
-  float* lse = delta + L;
-  float* bias = lse + L;
-  float* dbias = bias + L;
-  float* orow = dbias + L;
-
-  for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < num_tasks;) {
-    const Task& task = p.tasks[t];
-    const int64_t start = p.cu[task.b], n = int64_t(p.cu[task.b + 1]) - start, h = task.h;
-    const int64_t off = start * ld + h * d;
-    const float *Q, *K, *V, *dO;
-    int64_t ldx;
-    if constexpr (kFloat) {
-      Q = g.q + off;
-      K = g.k + off;
-      V = g.v + off;
-      dO = g.grad + off;
-      ldx = ld;
-    } else {
-      rows_to_float(g.q + off, ld, n, d, qbuf);
-      rows_to_float(g.k + off, ld, n, d, kbuf);
-      rows_to_float(g.v + off, ld, n, d, vbuf);
-      rows_to_float(g.grad + off, ld, n, d, gbuf);
-      Q = qbuf;
-      K = kbuf;
-      V = vbuf;
-      dO = gbuf;
-      ldx = d;
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      const float li = g.lse[(start + i) * H + h];
-      lse[i] = li == kNegInf ? kPosInf : li;  // a row that saw no key: P = exp(-inf) = 0
-    }
-    gather_bias(p, start, n, h, bias);
-    for (float* acc : {dq, dk, dv}) std::fill(acc, acc + n * d, 0.f);
-    std::fill(dbias, dbias + n, 0.f);
-
-    for (int64_t q0 = 0; q0 < n; q0 += kBlockQ) {
-      const int64_t bq = std::min(kBlockQ, n - q0);
-      const float* Qb = Q + q0 * ldx;
-      const float* dOb = dO + q0 * ldx;
-      const int64_t k_end = p.causal ? q0 + bq : n;
-      const int64_t bk = tile_size(k_end, kBlockK);
-      // delta_i = sum_j P_ij dP_ij. With one key tile it comes from the tile itself. Otherwise it is
-      // needed before the last tile is seen, and comes from the output: delta_i = dO_i . O_i, which
-      // for fp16/bf16 carries O's rounding (as in flash attention), the reason to prefer the tile.
-      const bool tile_delta = bk >= k_end;
-      if (!tile_delta) {
-        for (int64_t i = q0; i < q0 + bq; ++i) {
-          const scalar_t* o = g.out + off + i * ld;
-          if constexpr (kFloat) {
-            delta[i] = dot(dO + i * ldx, o, d);
-          } else {
-            row_to_float(o, d, orow);
-            delta[i] = dot(dO + i * ldx, orow, d);
-          }
+  for (int64_t q0 = 0; q0 < n; q0 += kBlockQ) {
+    const int64_t bq = std::min(kBlockQ, n - q0);
+    const float* Qb = Q + q0 * ldx;
+    const float* dOb = dO + q0 * ldx;
+    const int64_t k_end = p.causal ? q0 + bq : n;
+    const int64_t bk = tile_size(k_end, kBlockK);
+    // delta_i = sum_j P_ij dP_ij. With one key tile it comes from the tile itself. Otherwise it is
+    // needed before the last tile is seen, and comes from the output: delta_i = dO_i . O_i, which
+    // for fp16/bf16 carries O's rounding (as in flash attention), the reason to prefer the tile.
+    const bool tile_delta = bk >= k_end;
+    if (!tile_delta) {
+      for (int64_t i = q0; i < q0 + bq; ++i) {
+        const scalar_t* o = g.out + off + i * ld;
+        if constexpr (kFloat) {
+          w.delta[i] = dot(dO + i * ldx, o, d);
+        } else {
+          row_to_float(o, d, w.orow);
+          w.delta[i] = dot(dO + i * ldx, w.orow, d);
         }
       }
-      for (int64_t k0 = 0; k0 < k_end; k0 += bk) {
-        const int64_t kb = std::min(bk, k_end - k0);
-        const float* Kb = K + k0 * ldx;
-        const float* Vb = V + k0 * ldx;
-        gemm(false, true, bq, kb, d, 1.f, Qb, ldx, Kb, ldx, 0.f, s, kb);  // S = Q K^T
-        probs_tile(s, bq, kb, p.scale, bias + k0, p.causal, q0 - k0, lse + q0);
-        gemm(true, false, kb, d, bq, 1.f, s, kb, dOb, ldx, 1.f, dv + k0 * d, d);  // dV += P^T dO
-        gemm(false, true, bq, kb, d, 1.f, dOb, ldx, Vb, ldx, 0.f, ds, kb);        // dP = dO V^T
-        dscores_tile(s, ds, bq, kb, tile_delta, delta + q0, p.has_bias ? dbias + k0 : nullptr);
-        gemm(false, false, bq, d, kb, p.scale, ds, kb, Kb, ldx, 1.f, dq + q0 * d, d);  // dQ += s dS K
-        gemm(true, false, kb, d, bq, p.scale, ds, kb, Qb, ldx, 1.f, dk + k0 * d, d);   // dK += s dS^T Q
-      }
     }
-    for (int64_t i = 0; i < n; ++i) {
-      row_from_float(dq + i * d, d, 1.f, g.dq + off + i * ld);
-      row_from_float(dk + i * d, d, 1.f, g.dk + off + i * ld);
-      row_from_float(dv + i * d, d, 1.f, g.dv + off + i * ld);
+    for (int64_t k0 = 0; k0 < k_end; k0 += bk) {
+      const int64_t kb = std::min(bk, k_end - k0);
+      const float* Kb = K + k0 * ldx;
+      const float* Vb = V + k0 * ldx;
+      gemm(false, true, bq, kb, d, 1.f, Qb, ldx, Kb, ldx, 0.f, w.s, kb);  // S = Q K^T
+      probs_tile(w.s, bq, kb, p.scale, w.bias + k0, p.causal, q0 - k0, w.lse + q0);
+      gemm(true, false, kb, d, bq, 1.f, w.s, kb, dOb, ldx, 1.f, w.dv + k0 * d, d);  // dV += P^T dO
+      gemm(false, true, bq, kb, d, 1.f, dOb, ldx, Vb, ldx, 0.f, w.ds, kb);          // dP = dO V^T
+      dscores_tile(w.s, w.ds, bq, kb, tile_delta, w.delta + q0, p.has_bias ? w.dbias + k0 : nullptr);
+      gemm(false, false, bq, d, kb, p.scale, w.ds, kb, Kb, ldx, 1.f, w.dq + q0 * d, d);  // dQ += s dS K
+      gemm(true, false, kb, d, bq, p.scale, w.ds, kb, Qb, ldx, 1.f, w.dk + k0 * d, d);   // dK += s dS^T Q
     }
-    if (p.has_bias) {
-      for (int64_t j = 0; j < n; ++j) g.dbias[(start + j) * H + h] = dbias[j];
-    }
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    row_from_float(w.dq + i * d, d, 1.f, g.dq + off + i * ld);
+    row_from_float(w.dk + i * d, d, 1.f, g.dk + off + i * ld);
+    row_from_float(w.dv + i * d, d, 1.f, g.dv + off + i * ld);
+  }
+  if (p.has_bias) {
+    for (int64_t j = 0; j < n; ++j) g.dbias[(start + j) * H + h] = w.dbias[j];
   }
 }
 
 template <typename scalar_t>
-void backward_worker_baseline(const Backward<scalar_t>& g, std::atomic<int64_t>& next) {
-  backward_worker(g, next);
+BUS_ATTN_INLINE void backward_worker(const Backward<scalar_t>& g, TaskQueue& queue, int64_t t) {
+  WorkerGuards guards;
+  const BackwardScratch w(g.p.longest, g.p.d, !std::is_same_v<scalar_t, float>);
+  for (; t >= 0; t = queue.claim()) {
+    std::exception_ptr error;
+    try {
+      backward_task(g, g.p.tasks[t], w);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    queue.finish(error);
+  }
+}
+
+template <typename scalar_t>
+void backward_worker_baseline(const Backward<scalar_t>& g, TaskQueue& queue, int64_t t) {
+  backward_worker(g, queue, t);
 }
 
 #if BUS_ATTN_X86
 template <typename scalar_t>
-BUS_ATTN_AVX2 void backward_worker_avx2(const Backward<scalar_t>& g, std::atomic<int64_t>& next) {
-  backward_worker(g, next);
+BUS_ATTN_AVX2 void backward_worker_avx2(const Backward<scalar_t>& g, TaskQueue& queue, int64_t t) {
+  backward_worker(g, queue, t);
 }
 #endif
 
@@ -727,11 +819,11 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_cpu(const at::Tensor& q_in, 
                               out.data_ptr<scalar_t>(), lse.data_ptr<float>()};
 #if BUS_ATTN_X86
     if (have_avx2()) {
-      run_workers(int64_t(p.tasks.size()), [&](std::atomic<int64_t>& next) { forward_worker_avx2(f, next); });
+      run_workers(int64_t(p.tasks.size()), [&](TaskQueue& queue, int64_t t) { forward_worker_avx2(f, queue, t); });
       return;
     }
 #endif
-    run_workers(int64_t(p.tasks.size()), [&](std::atomic<int64_t>& next) { forward_worker_baseline(f, next); });
+    run_workers(int64_t(p.tasks.size()), [&](TaskQueue& queue, int64_t t) { forward_worker_baseline(f, queue, t); });
   });
   return {out, lse};
 }
@@ -778,11 +870,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_attention_back
                                has_bias ? dbias_heads.data_ptr<float>() : nullptr};
 #if BUS_ATTN_X86
     if (have_avx2()) {
-      run_workers(int64_t(p.tasks.size()), [&](std::atomic<int64_t>& next) { backward_worker_avx2(g, next); });
+      run_workers(int64_t(p.tasks.size()), [&](TaskQueue& queue, int64_t t) { backward_worker_avx2(g, queue, t); });
       return;
     }
 #endif
-    run_workers(int64_t(p.tasks.size()), [&](std::atomic<int64_t>& next) { backward_worker_baseline(g, next); });
+    run_workers(int64_t(p.tasks.size()), [&](TaskQueue& queue, int64_t t) { backward_worker_baseline(g, queue, t); });
   });
   if (!has_bias) return {dq, dk, dv, at::empty({0}, q_in.options())};
   const at::Tensor summed = p.bias_per_head ? dbias_heads : dbias_heads.sum(1);
