@@ -1,18 +1,19 @@
 // varlen_attention on CPU: flash attention over packed variable-length sequences.
 //
-// Work is split into (sequence, head) tasks that workers pull from a shared counter, largest first,
-// because sequence lengths vary and a static split leaves threads idle. A task owns every row it
-// writes (its sequence's rows of its head), so there are no races and no atomics on data.
+// Work is split into (sequence, head) tasks (the forward also splits a head's queries when there
+// are too few heads to go round) that the calling thread and pool helpers claim one at a time,
+// largest first, because sequence lengths vary and a static split leaves threads idle. A task
+// owns every row it writes (its sequence's rows of its head), so there are no races on data.
 //
-// Inside a task, queries are blocked and, within a query block, keys are blocked: the two products
-// per block (S = Q K^T, O += P V forward; five backward) run on the BLAS behind at::mm_out, on
-// views of the packed tensors or of fp32 scratch, and the softmax is online (running max and sum,
-// rescaling O) so scratch stays one [block_q, block_k] tile whatever the length. The backward
-// recomputes P from the saved log-sum-exp, as flash attention does.
+// Inside a task, queries are tiled and, within a query tile, keys are tiled: the products per
+// tile (S = Q K^T and O += P V forward; five backward) run on the BLAS behind at::mm_out, on
+// views of the packed tensors (fp32) or of fp32 copies (fp16/bf16), and the softmax is online
+// (running max and sum, rescaling O) so scratch stays one [kBlockQ, kBlockK] tile whatever the
+// length. The backward recomputes P from the saved log-sum-exp, as flash attention does.
 //
 // The elementwise passes (exp, softmax, dS) are written with GCC vector extensions and compiled
-// twice, for AVX2 and for the baseline ISA, picked at run time: the extension is built with plain
-// -O3, and a scalar std::exp per logit would cost more than the matrix products themselves.
+// twice, for AVX2 + FMA and for the baseline ISA, picked at run time: the extension is built with
+// plain -O3, and a scalar std::exp per logit would cost as much as the matrix products.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -89,7 +90,8 @@ BUS_ATTN_INLINE float hmax(vf x) {
 }
 
 // exp with Cephes' polynomial (about 1 ulp), 0 for x < -87 (so -inf gives 0; the flushed range
-// is below 1.7e-38), NaN kept. No FMA contraction, so both ISA builds round identically.
+// is below 1.7e-38), NaN kept. The AVX2 build contracts it to FMAs; the rounding trick for n
+// holds either way.
 BUS_ATTN_INLINE vf vexp(vf x) {
   const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   vf xc = x < -87.0f ? splat(-87.0f) : x;
