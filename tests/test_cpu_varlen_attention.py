@@ -94,6 +94,25 @@ def test_longer_than_tiles(lens, H, causal, bias_mode, dtype):
     _compare(lens, H, 64, dtype, causal, bias_mode, seed=7)
 
 
+def test_threads_agree():
+    """Each task runs whole on one thread whatever the thread count (and however the forward
+    splits a head's queries into tasks), so results are bitwise equal across thread counts."""
+    lens, H = [300, 200, 0, 7], 1
+    q, k, v, kb, grad = _inputs(3, lens, H, 32, torch.float32, "per_key")
+    cu = _cu(lens)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(_run("cpu", q, k, v, kb, grad, cu, 300, True))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for name, g, w in zip(NAMES, other, results[0]):
+            assert torch.equal(g, w), name
+
+
 # --------------------------------------------------------------------------- malformed input
 TOTAL, H, D = 8, 2, 16
 
