@@ -4,8 +4,8 @@
 
 One table per benchmark group (op, mode, shape, dtype): every implementation's median time, its
 achieved GB/s, TFLOP/s or images/s (from the work recorded by the benchmark) and its speed-up
-over the group's reference row (the ``torch`` backend; the baseline model end to end), measured in
-the same run. The header names the machine, the versions, the
+over the group's reference row (the ``torch`` backend; SDPA over the padded batch for
+varlen_attention; the baseline model end to end), measured in the same run. The header names the machine, the versions, the
 commit and the date. With matplotlib installed it also draws, from the end-to-end rows, the
 BUS speed-up against the keep ratio and the throughput against the resolution (PNG files next to
 the report). Several JSON files (e.g. a rerun of a few benchmarks) are merged.
@@ -51,8 +51,9 @@ def render(data: dict) -> str:
     for b in data["benchmarks"]:
         groups[b["group"] or b["name"]].append(b)
     out = ["# Benchmark results", "", *_header(data), ""]
-    out += ["Speed-up: the group's reference row (the `torch` backend for kernels, the baseline model",
-            "end to end) median / this median, measured in the same run.", ""]
+    out += ["Speed-up: the group's reference row (the `torch` backend for kernels, SDPA over the padded",
+            "batch for varlen_attention, the baseline model end to end) median / this median, measured",
+            "in the same run.", ""]
     for group in sorted(groups):
         rows = groups[group]
         ref_row = next((r for r in rows if r["extra_info"].get("reference")), None)
