@@ -206,6 +206,76 @@ struct Scratch {
                                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)               \
                                          AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
+// Where row b of a selection lives: its kept count, its first output (or output-gradient)
+// token and its first index. The fixed-k ops are the varlen layout with every keep[b] = k.
+struct Rows {
+  const int64_t* keep = nullptr;     // per-row counts (varlen), or null: every row keeps k
+  const int32_t* cu = nullptr;       // first token of row b (varlen), or null: b * rows
+  const int64_t* offsets = nullptr;  // first index of row b (varlen), or null: b * k
+  int64_t k = 0, rows = 0;
+  int64_t count(int64_t b) const { return keep ? keep[b] : k; }
+  int64_t token(int64_t b) const { return cu ? int64_t(cu[b]) : b * rows; }
+  int64_t index(int64_t b) const { return offsets ? offsets[b] : b * k; }
+};
+
+// Ranks every row, writes its indices and tokens into `indices` and `out`.
+void select_forward(const at::Tensor& x, const at::Tensor& scores, int64_t P, Fuse fuse, bool by_score,
+                    const Rows& r, at::Tensor& out, at::Tensor& indices) {
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), n = N - P;
+  BK_DISPATCH(x.scalar_type(), "select_tokens_cpu", [&] {
+    using T = scalar_t;
+    BK_DISPATCH(scores.scalar_type(), "select_scores", [&] {
+      using S = scalar_t;
+      const T* xp = x.data_ptr<T>();
+      const S* sp = scores.data_ptr<S>();
+      T* op_ = out.data_ptr<T>();
+      int64_t* ip = indices.data_ptr<int64_t>();
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        Scratch w(D);
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t kb = r.count(b);
+          load_scores(sp + b * n, n, w.s);
+          rank_top_k(w.s.data(), n, kb, by_score, w.cols);
+          for (int64_t i = 0; i < kb; ++i) ip[r.index(b) + i] = w.cols[i] + P;
+          select_row(xp + b * N * D, w.s.data(), n, D, P, kb, fuse, w.cols, w.kept, w.acc, w.xbuf,
+                     op_ + r.token(b) * D);
+        }
+      });
+    });
+  });
+}
+
+// grad_x and grad_scores of every row from `grad` (laid out as the forward's output).
+void select_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scores,
+                     const at::Tensor& indices, int64_t P, Fuse fuse, const Rows& r, at::Tensor& gx,
+                     at::Tensor& gs) {
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), n = N - P;
+  BK_DISPATCH(x.scalar_type(), "select_tokens_backward_cpu", [&] {
+    using T = scalar_t;
+    BK_DISPATCH(scores.scalar_type(), "select_scores", [&] {
+      using S = scalar_t;
+      const T* xp = x.data_ptr<T>();
+      const T* gp = grad.data_ptr<T>();
+      const S* sp = scores.data_ptr<S>();
+      const int64_t* ip = indices.data_ptr<int64_t>();
+      T* gxp = gx.data_ptr<T>();
+      S* gsp = gs.data_ptr<S>();
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        Scratch w(D);
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t kb = r.count(b);
+          load_scores(sp + b * n, n, w.s);
+          w.cols.resize(kb);
+          for (int64_t i = 0; i < kb; ++i) w.cols[i] = ip[r.index(b) + i] - P;
+          select_row_backward(gp + r.token(b) * D, xp + b * N * D, w.s.data(), n, D, P, kb, fuse,
+                              w.cols.data(), w.kept, w.gdot, w.gbuf, w.xbuf, w.rowbuf, gxp + b * N * D,
+                              gsp + b * n);
+        }
+      });
+    });
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> select_tokens_cpu(const at::Tensor& x_in, const at::Tensor& scores_in,
                                                      int64_t k, int64_t num_prefix, c10::string_view fuse_s,
                                                      c10::string_view order) {
@@ -220,26 +290,10 @@ std::tuple<at::Tensor, at::Tensor> select_tokens_cpu(const at::Tensor& x_in, con
   at::Tensor out = at::empty({B, rows, D}, x.options());
   at::Tensor indices = at::empty({B, k}, x.options().dtype(at::kLong));
   const bool by_score = order == "score";
-  BK_DISPATCH(x.scalar_type(), "select_tokens_cpu", [&] {
-    using T = scalar_t;
-    BK_DISPATCH(scores.scalar_type(), "select_scores", [&] {
-      using S = scalar_t;
-      const T* xp = x.data_ptr<T>();
-      const S* sp = scores.data_ptr<S>();
-      T* op_ = out.data_ptr<T>();
-      int64_t* ip = indices.data_ptr<int64_t>();
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-        Scratch w(D);
-        for (int64_t b = b0; b < b1; ++b) {
-          load_scores(sp + b * n, n, w.s);
-          rank_top_k(w.s.data(), n, k, by_score, w.cols);
-          for (int64_t i = 0; i < k; ++i) ip[b * k + i] = w.cols[i] + P;
-          select_row(xp + b * N * D, w.s.data(), n, D, P, k, fuse, w.cols, w.kept, w.acc, w.xbuf,
-                     op_ + b * rows * D);
-        }
-      });
-    });
-  });
+  Rows r;
+  r.k = k;
+  r.rows = rows;
+  select_forward(x, scores, P, fuse, by_score, r, out, indices);
   return {out, indices};
 }
 
@@ -272,28 +326,10 @@ std::tuple<at::Tensor, at::Tensor> select_tokens_backward_cpu(const at::Tensor& 
   check_indices(op, indices.data_ptr<int64_t>(), B * k, P, N);
   at::Tensor gx = at::empty_like(x);
   at::Tensor gs = at::empty_like(scores);
-  BK_DISPATCH(x.scalar_type(), "select_tokens_backward_cpu", [&] {
-    using T = scalar_t;
-    BK_DISPATCH(scores.scalar_type(), "select_scores", [&] {
-      using S = scalar_t;
-      const T* xp = x.data_ptr<T>();
-      const T* gp = grad.data_ptr<T>();
-      const S* sp = scores.data_ptr<S>();
-      const int64_t* ip = indices.data_ptr<int64_t>();
-      T* gxp = gx.data_ptr<T>();
-      S* gsp = gs.data_ptr<S>();
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-        Scratch w(D);
-        for (int64_t b = b0; b < b1; ++b) {
-          load_scores(sp + b * n, n, w.s);
-          w.cols.resize(k);
-          for (int64_t i = 0; i < k; ++i) w.cols[i] = ip[b * k + i] - P;
-          select_row_backward(gp + b * rows * D, xp + b * N * D, w.s.data(), n, D, P, k, fuse, w.cols.data(),
-                              w.kept, w.gdot, w.gbuf, w.xbuf, w.rowbuf, gxp + b * N * D, gsp + b * n);
-        }
-      });
-    });
-  });
+  Rows r;
+  r.k = k;
+  r.rows = rows;
+  select_backward(grad, x, scores, indices, P, fuse, r, gx, gs);
   return {gx, gs};
 }
 
@@ -333,29 +369,11 @@ std::tuple<at::Tensor, at::Tensor> select_tokens_varlen_cpu(const at::Tensor& x_
   const std::vector<int64_t> offsets = check_varlen(op, keep, cu, B, n, extra, total);
   at::Tensor out = at::empty({total, D}, x.options());
   at::Tensor indices = at::empty({offsets[B]}, x.options().dtype(at::kLong));
-  BK_DISPATCH(x.scalar_type(), "select_tokens_varlen_cpu", [&] {
-    using T = scalar_t;
-    BK_DISPATCH(scores.scalar_type(), "select_scores", [&] {
-      using S = scalar_t;
-      const T* xp = x.data_ptr<T>();
-      const S* sp = scores.data_ptr<S>();
-      const int64_t* kp = keep.data_ptr<int64_t>();
-      const int32_t* cp = cu.data_ptr<int32_t>();
-      T* op_ = out.data_ptr<T>();
-      int64_t* ip = indices.data_ptr<int64_t>();
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-        Scratch w(D);
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t kb = kp[b];
-          load_scores(sp + b * n, n, w.s);
-          rank_top_k(w.s.data(), n, kb, /*by_score=*/false, w.cols);
-          for (int64_t i = 0; i < kb; ++i) ip[offsets[b] + i] = w.cols[i] + P;
-          select_row(xp + b * N * D, w.s.data(), n, D, P, kb, fuse, w.cols, w.kept, w.acc, w.xbuf,
-                     op_ + int64_t(cp[b]) * D);
-        }
-      });
-    });
-  });
+  Rows r;
+  r.keep = keep.data_ptr<int64_t>();
+  r.cu = cu.data_ptr<int32_t>();
+  r.offsets = offsets.data();
+  select_forward(x, scores, P, fuse, /*by_score=*/false, r, out, indices);
   return {out, indices};
 }
 
@@ -381,32 +399,11 @@ std::tuple<at::Tensor, at::Tensor> select_tokens_varlen_backward_cpu(
   check_indices(op, indices.data_ptr<int64_t>(), offsets[B], P, N);
   at::Tensor gx = at::empty_like(x);
   at::Tensor gs = at::empty_like(scores);
-  BK_DISPATCH(x.scalar_type(), "select_tokens_varlen_backward_cpu", [&] {
-    using T = scalar_t;
-    BK_DISPATCH(scores.scalar_type(), "select_scores", [&] {
-      using S = scalar_t;
-      const T* xp = x.data_ptr<T>();
-      const T* gp = grad.data_ptr<T>();
-      const S* sp = scores.data_ptr<S>();
-      const int64_t* ip = indices.data_ptr<int64_t>();
-      const int64_t* kp = keep.data_ptr<int64_t>();
-      const int32_t* cp = cu.data_ptr<int32_t>();
-      T* gxp = gx.data_ptr<T>();
-      S* gsp = gs.data_ptr<S>();
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-        Scratch w(D);
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t kb = kp[b];
-          load_scores(sp + b * n, n, w.s);
-          w.cols.resize(kb);
-          for (int64_t i = 0; i < kb; ++i) w.cols[i] = ip[offsets[b] + i] - P;
-          select_row_backward(gp + int64_t(cp[b]) * D, xp + b * N * D, w.s.data(), n, D, P, kb, fuse,
-                              w.cols.data(), w.kept, w.gdot, w.gbuf, w.xbuf, w.rowbuf, gxp + b * N * D,
-                              gsp + b * n);
-        }
-      });
-    });
-  });
+  Rows r;
+  r.keep = keep.data_ptr<int64_t>();
+  r.cu = cu.data_ptr<int32_t>();
+  r.offsets = offsets.data();
+  select_backward(grad, x, scores, indices, P, fuse, r, gx, gs);
   return {gx, gs};
 }
 
