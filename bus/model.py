@@ -122,7 +122,7 @@ class BUSModel(nn.Module):
         self.use_pad = bus and config.pad
         if self.use_tsps:
             patch_timm(self.vision, layers=config.tsps_layers, keep=config.keep, mass=config.mass,
-                       fuse=config.fuse, guidance="auto", ptm_head=True)
+                       fuse=config.fuse, guidance="auto")
         self.pad = PAD(D, num_queries=config.pad_queries, depth=config.pad_depth, num_heads=heads) if self.use_pad else None
         bert = BertConfig(vocab_size=config.vocab_size, hidden_size=D, num_hidden_layers=config.text_layers,
                           num_attention_heads=heads, intermediate_size=4 * D,
@@ -231,19 +231,26 @@ class BUSModel(nn.Module):
         return losses
 
     def _ptm_loss(self, patch_labels: Optional[Tensor]) -> Tensor:
-        """BCE of every TSPS layer's per-patch logits against the caption's patch labels (tokens
-        that are original patches with a known label only)."""
+        """Patch-text matching on what the selector ranks by: at every TSPS layer, minus the log of
+        the share of relevance (the layer's scores, renormalised over the tokens that are original
+        patches with a known label) that falls on the patches the caption names. Samples without a
+        named patch are left out. A separate per-patch head would train the patch features but
+        leave the ranking untouched (and measurably slowed ITC down, see benchmarks/RESULTS.md)."""
         state = self.vision.pruning_state()
         zero = self.logit_scale.new_zeros(())
         if patch_labels is None or state is None:
             return zero
         terms = []
         for rec in state.records:
-            ids, logits = rec["patch_ids"], rec["ptm_logits"].float()
+            ids, scores = rec["patch_ids"], rec["scores"].float()
             labels = patch_labels.gather(1, ids.clamp(min=0))
-            ok = (ids >= 0) & (labels >= 0)
-            if ok.any():
-                terms.append(F.binary_cross_entropy_with_logits(logits[ok], labels[ok].float()))
+            known = (ids >= 0) & (labels >= 0)
+            pos = known & (labels > 0)
+            use = pos.any(dim=1)
+            if use.any():
+                mass_pos = (scores * pos).sum(dim=1)[use]
+                mass_known = (scores * known).sum(dim=1)[use]
+                terms.append((mass_known.clamp(min=1e-12).log() - mass_pos.clamp(min=1e-12).log()).mean())
         return torch.stack(terms).mean() if terms else zero
 
 

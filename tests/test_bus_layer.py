@@ -177,3 +177,41 @@ def test_bus_config_rejects_unknown_guidance():
 
     with pytest.raises(ValueError, match="guidance='caption' must be 'image' or 'text'"):
         BUSModel(BUSConfig.tiny(vocab_size=40, guidance="caption"))
+
+
+@pytest.mark.parametrize("mass", [None, 0.7])
+def test_ptm_trains_the_selector_ranking(mass):
+    """PTM is minus the log of the relevance share on the named patches: zero when every known
+    patch is named, skipped without labels, and its gradient reaches the query/key projection the
+    selector ranks by (a separate per-patch head would leave the ranking untouched)."""
+    pytest.importorskip("transformers")
+    from bus.model import BUSConfig, BUSModel
+
+    torch.manual_seed(0)
+    cfg = BUSConfig.tiny(vocab_size=40, mass=mass)
+    model = BUSModel(cfg, bus=True).train()
+    x = images(3)
+    model.encode_image(x)
+    labels = (torch.rand(3, 16) < 0.4).float()
+    labels[0, :4] = 1.0
+    labels[1] = -1.0  # unknown everywhere: sample 1 is left out
+    labels[1, 5] = 1.0
+    ptm = model._ptm_loss(labels)
+    # by hand, from the recorded scores and patch ids
+    terms = []
+    for rec in model.vision.pruning_state().records:
+        s, ids = rec["scores"].detach().float(), rec["patch_ids"]
+        lab = labels.gather(1, ids.clamp(min=0))
+        known, per = (ids >= 0) & (lab >= 0), []
+        for b in range(3):
+            pos = known[b] & (lab[b] > 0)
+            if pos.any():
+                per.append(-torch.log(s[b][pos].sum() / s[b][known[b]].sum()))
+        terms.append(torch.stack(per).mean())
+    torch.testing.assert_close(ptm.detach(), torch.stack(terms).mean())
+    assert ptm > 0
+    first = model.vision.blocks[cfg.tsps_layers[0]].attn.qkv.weight
+    (g,) = torch.autograd.grad(ptm, first)
+    assert g.abs().sum() > 0
+    assert model._ptm_loss(torch.ones(3, 16)) == 0  # all named: the whole share is on them
+    assert model._ptm_loss(torch.full((3, 16), -1.0)) == 0  # nothing known: no term

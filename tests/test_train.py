@@ -32,7 +32,7 @@ def _records(out, kind):
 
 
 def test_short_run_learns(tmp_path):
-    """Loss falls, text-free retrieval beats chance (recall@5 both ways), and every artefact is written."""
+    """Loss falls, text-free retrieval beats chance (recall@1 and @5 both ways), and every artefact is written."""
     out = str(tmp_path / "run")
     val = 32
     summary = main(TINY + [
@@ -48,14 +48,14 @@ def test_short_run_learns(tmp_path):
 
     evals = _records(out, "eval")
     assert [e["step"] for e in evals] == [300, 600]
-    # Recall@5 both ways: R@1 over 32 images moves by 1/32 a hit, and the single-pass BUS default
-    # leaves the ITC plateau late at this size (runs that differ only in rounding ended at R@1
-    # 1/32 and 3/32, R@5 2.5x and 3.3x chance; see benchmarks/RESULTS.md), so R@1 is too noisy.
+    # Both ways, recall@1 and @5 at least 3x chance. Since PTM trains the selector's own scores
+    # this run ends near R@1 0.3-0.4 (three seeds at 64 images: 0.23-0.33, benchmarks/RESULTS.md);
+    # with the old per-patch PTM head it ended at 1/32-3/32 and only R@5 could be asserted.
     last_eval = evals[-1]
-    chance5 = 5.0 / val
+    r1 = (last_eval["i2t_r@1"] + last_eval["t2i_r@1"]) / 2
     r5 = (last_eval["i2t_r@5"] + last_eval["t2i_r@5"]) / 2
-    print(f"mean R@5 = {r5:.3f} (chance {chance5:.3f}); i2t R@1 = {last_eval['i2t_r@1']:.3f}")
-    assert r5 >= 2 * chance5, last_eval
+    print(f"mean R@1 = {r1:.3f} (chance {1 / val:.3f}), mean R@5 = {r5:.3f} (chance {5 / val:.3f})")
+    assert r1 >= 3 / val and r5 >= 3 * 5 / val, last_eval
     assert summary["steps"] == 600 and summary["i2t_r@1"] == last_eval["i2t_r@1"]
 
     for name in ("ckpt_step300.pt", "ckpt_step600.pt", "last.pt", "config.yaml"):
