@@ -8,6 +8,7 @@ in the same run. GPU timings synchronise the device; CPU timings are labelled as
 from __future__ import annotations
 
 import os
+import time
 
 os.environ.pop("TRITON_INTERPRET", None)  # never time the interpreter
 
@@ -25,6 +26,7 @@ except ImportError:
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
+CPU_ROUND_BUDGET_S = 8.0
 
 
 def fused_backends(implemented) -> list[str]:
@@ -50,8 +52,15 @@ def run(benchmark, fn, *, op: str, impl: str, shape: str, dtype: torch.dtype, mo
             torch.cuda.synchronize()
     else:
         target = fn
+    took = None
     if warmup:
+        t0 = time.perf_counter()
         target()  # warm-up: compilation, autotuning, allocator
+        took = time.perf_counter() - t0
+    if rounds is None:
+        # GPU: 20 rounds. CPU: about CPU_ROUND_BUDGET_S of timed rounds, 1 to 5 (a 17 s call is
+        # timed once, a 0.5 s call five times), which keeps the CPU suite within its time budget.
+        rounds = 20 if ON_GPU else max(1, min(5, int(CPU_ROUND_BUDGET_S / max(took or 0.0, 1e-9))))
     benchmark.group = f"{op} {mode} {shape} {str(dtype).replace('torch.', '')}"
     benchmark.extra_info.update(
         op=op, impl=impl, shape=shape, dtype=str(dtype).replace("torch.", ""), mode=mode,
@@ -59,7 +68,8 @@ def run(benchmark, fn, *, op: str, impl: str, shape: str, dtype: torch.dtype, mo
         images=images, reference=impl == "torch" if reference is None else reference,
         torch=torch.__version__, triton=TRITON_VERSION,
     )
-    benchmark.pedantic(target, rounds=rounds or (20 if ON_GPU else 5), iterations=1, warmup_rounds=int(warmup))
+    benchmark.extra_info["rounds"] = rounds
+    benchmark.pedantic(target, rounds=rounds, iterations=1, warmup_rounds=0)
 
 
 @pytest.fixture

@@ -36,7 +36,11 @@ def _header(data: dict) -> list[str]:
 
 def _rate(extra: dict, seconds: float) -> str:
     if extra.get("i2t_r@1") is not None:
-        return f"{extra['images'] / seconds:.1f} img/s, i2t R@1 {extra['i2t_r@1']:.3f}, t2i R@1 {extra['t2i_r@1']:.3f}"
+        text = f"{extra['images'] / seconds:.1f} img/s, i2t R@1 {extra['i2t_r@1']:.3f}, t2i R@1 {extra['t2i_r@1']:.3f}"
+        seeds = extra.get("per_seed", {}).get("i2t_r@1")
+        if seeds and len(seeds) > 1:  # the mean of several seeds: show each
+            text += f" (mean of {len(seeds)} seeds; i2t R@1 per seed " + " / ".join(f"{v:.3f}" for v in seeds) + ")"
+        return text
     if extra.get("images"):
         return f"{extra['images'] / seconds:.2f} img/s"
     if extra.get("flops"):
@@ -104,9 +108,11 @@ def plots(data: dict, outdir: Path) -> list[Path]:
     res = {}
     for name, v in pts.items():
         model, _, r = name.partition("@")
-        if model in ("bus", "baseline", "bus-keep0.5") and r.isdigit():
+        if r.isdigit():
             res.setdefault(model, []).append((int(r), v))
-    if len(res.get("bus", [])) >= 2 or len(res.get("baseline", [])) >= 2:
+    # every model measured at a resolution other than 224 (with its 224 point when there is one)
+    res = {m: rows for m, rows in res.items() if any(r != 224 for r, _ in rows)}
+    if res:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for model, rows in sorted(res.items()):
             rows.sort()

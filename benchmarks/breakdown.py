@@ -1,0 +1,93 @@
+"""Where a train step's time goes: forward + backward of each part of the baseline and the BUS
+model, timed separately on the end-to-end benchmark's data (ViT-B/16 at 224, batch 8 on CPU).
+
+    python benchmarks/breakdown.py [--batch 8] [--img-size 224] [--keep 0.7] [--rounds 2]
+
+Parts: the image side (ViT, plus PAD for BUS), the text encoder, the fusion encoder as ITM runs
+it (3B rows: positives and two hard-negative sets) and as LM runs it (B rows, causal). The
+fusion parts get random text states and an image memory of the size each model gives them (every
+ViT token for the baseline, the PAD summary for BUS). Prints a Markdown table with the minimum
+over ``--rounds`` after one warm-up; it explains the end-to-end ratio (Amdahl), it does not replace it.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from bus.model import BUSConfig, BUSModel
+
+
+def _time(fn, rounds: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def parts(model: BUSModel, batch: int, img_size: int, text_len: int, rounds: int) -> tuple[dict[str, float], int]:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, img_size, img_size, generator=g)
+    ids = torch.randint(5, model.config.vocab_size, (batch, text_len), generator=g)
+    am = torch.ones(batch, text_len, dtype=torch.long)
+    D = model.vision.embed_dim
+
+    def image_side():
+        tokens, pad = model.encode_image(images)
+        mem, _ = model.image_memory(tokens, pad)
+        (mem.float().mean() + tokens[:, 0].float().mean()).backward()
+
+    with torch.no_grad():
+        tokens, pad = model.encode_image(images)
+        mem_len = model.image_memory(tokens, pad)[0].shape[1]
+    text = torch.randn(batch, text_len, D, generator=g).requires_grad_()
+    mem = torch.randn(batch, mem_len, D, generator=g).requires_grad_()
+    no_pad = torch.zeros(batch, text_len, dtype=torch.bool)
+
+    def itm():
+        t3, m3 = torch.cat([text] * 3), torch.cat([mem] * 3)
+        model.fusion(t3, torch.cat([no_pad] * 3), m3, None).float().mean().backward()
+
+    def lm():
+        model.fusion(text, no_pad, mem, None, causal=True).float().mean().backward()
+
+    def text_side():
+        model.encode_text(ids, am).float().mean().backward()
+
+    out = {"image side (ViT, + PAD for BUS)": _time(image_side, rounds), "text encoder": _time(text_side, rounds),
+           "fusion as ITM runs it (3B rows)": _time(itm, rounds), "fusion as LM runs it (B rows)": _time(lm, rounds)}
+    model.zero_grad(set_to_none=True)
+    return out, mem_len
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--keep", type=float, default=0.7)
+    ap.add_argument("--text-len", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    cfg = BUSConfig(vocab_size=1000, img_size=args.img_size, keep=args.keep)
+    torch.manual_seed(0)
+    base, mem_base = parts(BUSModel(cfg, bus=False).train(), args.batch, args.img_size, args.text_len, args.rounds)
+    torch.manual_seed(0)
+    bus, mem_bus = parts(BUSModel(cfg, bus=True).train(), args.batch, args.img_size, args.text_len, args.rounds)
+    print(f"ViT-B/16 {args.img_size}px, batch {args.batch}, fp32, forward + backward, min of {args.rounds} after a "
+          f"warm-up ({'GPU' if torch.cuda.is_available() else 'CPU'}); BUS keep {args.keep} at blocks "
+          f"{tuple(cfg.tsps_layers)} + PAD {cfg.pad_queries}; fusion memory {mem_base} (baseline) / {mem_bus} (BUS) tokens\n")
+    print("| part | baseline ms | BUS ms | BUS / baseline |\n|---|---:|---:|---:|")
+    for (k, b), v in zip(base.items(), bus.values()):
+        print(f"| {k} | {b * 1e3:.0f} | {v * 1e3:.0f} | {v / b:.2f} |")
+    tb, tv = sum(base.values()), sum(bus.values())
+    print(f"| sum of parts | {tb * 1e3:.0f} | {tv * 1e3:.0f} | {tv / tb:.2f} (speed-up {tb / tv:.2f}x) |")
+
+
+if __name__ == "__main__":
+    main()
