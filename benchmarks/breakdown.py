@@ -1,13 +1,14 @@
 """Where a train step's time goes: forward + backward of each part of the baseline and the BUS
 model, timed separately on the end-to-end benchmark's data (ViT-B/16 at 224, batch 8 on CPU).
 
-    python benchmarks/breakdown.py [--batch 8] [--img-size 224] [--keep 0.7] [--rounds 2]
+    python benchmarks/breakdown.py [--batch 8] [--img-size 224] [--keep 0.7] [--rounds 3]
 
 Parts: the image side (ViT, plus PAD for BUS), the text encoder, the fusion encoder as ITM runs
 it (3B rows: positives and two hard-negative sets) and as LM runs it (B rows, causal). The
 fusion parts get random text states and an image memory of the size each model gives them (every
 ViT token for the baseline, the PAD summary for BUS). Prints a Markdown table with the minimum
-over ``--rounds`` after one warm-up; it explains the end-to-end ratio (Amdahl), it does not replace it.
+over ``--rounds`` after one warm-up, the two models alternating part by part. It explains the
+end-to-end ratio (Amdahl); it does not replace it.
 """
 from __future__ import annotations
 
@@ -19,19 +20,15 @@ import torch
 from bus.model import BUSConfig, BUSModel
 
 
-def _time(fn, rounds: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def _once(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
-def parts(model: BUSModel, batch: int, img_size: int, text_len: int, rounds: int) -> tuple[dict[str, float], int]:
+def parts(model: BUSModel, batch: int, img_size: int, text_len: int) -> tuple[dict, int]:
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, img_size, img_size, generator=g)
     ids = torch.randint(5, model.config.vocab_size, (batch, text_len), generator=g)
@@ -60,10 +57,8 @@ def parts(model: BUSModel, batch: int, img_size: int, text_len: int, rounds: int
     def text_side():
         model.encode_text(ids, am).float().mean().backward()
 
-    out = {"image side (ViT, + PAD for BUS)": _time(image_side, rounds), "text encoder": _time(text_side, rounds),
-           "fusion as ITM runs it (3B rows)": _time(itm, rounds), "fusion as LM runs it (B rows)": _time(lm, rounds)}
-    model.zero_grad(set_to_none=True)
-    return out, mem_len
+    return {"image side (ViT, + PAD for BUS)": image_side, "text encoder": text_side,
+            "fusion as ITM runs it (3B rows)": itm, "fusion as LM runs it (B rows)": lm}, mem_len
 
 
 def main() -> None:
@@ -72,13 +67,21 @@ def main() -> None:
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--keep", type=float, default=0.7)
     ap.add_argument("--text-len", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     cfg = BUSConfig(vocab_size=1000, img_size=args.img_size, keep=args.keep)
     torch.manual_seed(0)
-    base, mem_base = parts(BUSModel(cfg, bus=False).train(), args.batch, args.img_size, args.text_len, args.rounds)
+    fb, mem_base = parts(BUSModel(cfg, bus=False).train(), args.batch, args.img_size, args.text_len)
     torch.manual_seed(0)
-    bus, mem_bus = parts(BUSModel(cfg, bus=True).train(), args.batch, args.img_size, args.text_len, args.rounds)
+    fv, mem_bus = parts(BUSModel(cfg, bus=True).train(), args.batch, args.img_size, args.text_len)
+    base, bus = {}, {}
+    for name in fb:  # the two models alternate, so a drift of the machine's speed hits both alike
+        fb[name](), fv[name]()  # warm-up
+        tb, tv = [], []
+        for _ in range(args.rounds):
+            tb.append(_once(fb[name]))
+            tv.append(_once(fv[name]))
+        base[name], bus[name] = min(tb), min(tv)
     print(f"ViT-B/16 {args.img_size}px, batch {args.batch}, fp32, forward + backward, min of {args.rounds} after a "
           f"warm-up ({'GPU' if torch.cuda.is_available() else 'CPU'}); BUS keep {args.keep} at blocks "
           f"{tuple(cfg.tsps_layers)} + PAD {cfg.pad_queries}; fusion memory {mem_base} (baseline) / {mem_bus} (BUS) tokens\n")

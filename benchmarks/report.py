@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -32,6 +33,33 @@ def _header(data: dict) -> list[str]:
     first = data["benchmarks"][0]["extra_info"] if data["benchmarks"] else {}
     lines.insert(2, f"- torch {first.get('torch', '?')}, triton {first.get('triton', '?')}")
     return lines
+
+
+def _ceilings(data: dict) -> dict:
+    """{("copy", None): GB/s, ("matmul", dtype): TFLOP/s} from the run's ceiling rows."""
+    out = {}
+    for b in data["benchmarks"]:
+        e = b["extra_info"]
+        if e.get("op") != "ceiling":
+            continue
+        sec = b["stats"]["median"]
+        if e.get("impl") == "copy" and e.get("nbytes"):
+            out[("copy", None)] = max(out.get(("copy", None), 0.0), e["nbytes"] / sec / 1e9)
+        elif e.get("impl") == "matmul" and e.get("flops"):
+            out[("matmul", e.get("dtype"))] = e["flops"] / sec / 1e12
+    return out
+
+
+def _of_ceiling(extra: dict, seconds: float, ceilings: dict) -> str:
+    if extra.get("op") == "ceiling":
+        return ""
+    if extra.get("flops"):
+        for key, label in ((("matmul", extra.get("dtype")), "matmul"), (("matmul", "float32"), "fp32 matmul")):
+            if key in ceilings:
+                return f" ({100 * extra['flops'] / seconds / 1e12 / ceilings[key]:.0f}% of {label})"
+    if extra.get("nbytes") and ("copy", None) in ceilings:
+        return f" ({100 * extra['nbytes'] / seconds / 1e9 / ceilings[('copy', None)]:.0f}% of copy)"
+    return ""
 
 
 def _rate(extra: dict, seconds: float) -> str:
@@ -58,6 +86,11 @@ def render(data: dict) -> str:
     out += ["Speed-up: the group's reference row (the `torch` backend for kernels, SDPA over the padded",
             "batch for varlen_attention, the baseline model end to end) median / this median, measured",
             "in the same run.", ""]
+    ceilings = _ceilings(data)
+    if ceilings:
+        out += ["Ceilings measured in the same run (`ceiling` groups): a tensor copy for GB/s (bytes read +",
+                "written), a square matmul per dtype for TFLOP/s (on a CPU the fp32 one only: without bf16 units",
+                "it bounds bf16 work too); the percentages next to a kernel's rate are against them.", ""]
     for group in sorted(groups):
         rows = groups[group]
         ref_row = next((r for r in rows if r["extra_info"].get("reference")), None)
@@ -67,9 +100,29 @@ def render(data: dict) -> str:
         for r in sorted(rows, key=lambda r: r["stats"]["median"]):
             med = r["stats"]["median"]
             speed = f"{ref / med:.2f}x" if ref else ""
-            out.append(f"| {r['extra_info'].get('impl', r['name'])} | {med * 1e3:.3f} | {_rate(r['extra_info'], med)} | {speed} |")
+            rate = _rate(r["extra_info"], med) + _of_ceiling(r["extra_info"], med, ceilings)
+            out.append(f"| {r['extra_info'].get('impl', r['name'])} | {med * 1e3:.3f} | {rate} | {speed} |")
         out.append("")
+        for r in rows:
+            out += _interleaved(r["extra_info"])
     return "\n".join(out)
+
+
+def _interleaved(extra: dict) -> list[str]:
+    """Per-model step times of an interleaved benchmark and the ratio of their medians."""
+    times = extra.get("interleaved")
+    if not times or len(times) != 2 or not all(times.values()):
+        return []
+    (a, ta), (b, tb) = times.items()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    pairs = [x / y for x, y in zip(ta, tb)]
+    lines = [f"| model (interleaved, {len(ta)} rounds) | step ms per round | median ms | rate |", "|---|---|---:|---:|"]
+    for k, v in times.items():
+        rate = f"{extra['images'] / 2 / med[k]:.2f} img/s" if extra.get("images") else ""
+        lines.append(f"| {k} | {' / '.join(f'{t * 1e3:.0f}' for t in v)} | {med[k] * 1e3:.0f} | {rate} |")
+    lines += ["", f"**{b} vs {a}, interleaved: {med[a] / med[b]:.2f}x** (ratio of medians; per round "
+              + ", ".join(f"{p:.2f}x" for p in pairs) + ")", ""]
+    return lines
 
 
 def _e2e_points(data: dict) -> dict:

@@ -182,3 +182,27 @@ def test_pack_unpack(benchmark, gen, impl, op):
         fn = lambda: bk.unpack(p.packed, p.cu_seqlens, N, backend=impl)  # noqa: E731
     nbytes = 2 * p.packed.numel() * _elt(dtype)
     run(benchmark, fn, op=op, impl=impl, shape=f"B{SEL_B} N{N} D{D}", dtype=dtype, mode="fwd", nbytes=nbytes)
+
+
+# ------------------------------------------------------------------------------- ceilings
+# What the machine itself reaches, measured in the same run: the report states each kernel's
+# GB/s against the copy bandwidth and its TFLOP/s against the matmul rate of the same dtype.
+COPY_ELEMS = (1 << 28) if ON_GPU else (1 << 26)  # 1 GiB / 256 MiB of fp32: far beyond the caches
+MM_N = 8192 if ON_GPU else 2048
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ceiling_copy(benchmark, gen, dtype):
+    x = _rand(gen, COPY_ELEMS // 64, 64, dtype=dtype)
+    y = torch.empty_like(x)
+    run(benchmark, lambda: y.copy_(x), op="ceiling", impl="copy", shape=f"{x.numel() * _elt(dtype) >> 20} MiB",
+        dtype=dtype, mode="fwd", nbytes=2 * x.numel() * _elt(dtype), reference=False)
+
+
+# On a CPU without bf16 units (AVX2) torch's bf16 matmul is not a ceiling (2048^3 takes a minute):
+# the fp32 matmul rate bounds bf16 work there too.
+@pytest.mark.parametrize("dtype", DTYPES if ON_GPU else [torch.float32], ids=str)
+def test_ceiling_matmul(benchmark, gen, dtype):
+    a, b = (_rand(gen, MM_N, MM_N, dtype=dtype) for _ in range(2))
+    run(benchmark, lambda: a @ b, op="ceiling", impl="matmul", shape=f"{MM_N}x{MM_N}x{MM_N}",
+        dtype=dtype, mode="fwd", flops=2.0 * MM_N**3, reference=False)
