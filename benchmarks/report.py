@@ -8,7 +8,8 @@ over the group's reference row (the ``torch`` backend; SDPA over the padded batc
 varlen_attention; the baseline model end to end), measured in the same run. The header names the machine, the versions, the
 commit and the date. With matplotlib installed it also draws, from the end-to-end rows, the
 BUS speed-up against the keep ratio and the throughput against the resolution (PNG files next to
-the report). Several JSON files (e.g. a rerun of a few benchmarks) are merged.
+the report). Several JSON files (e.g. a rerun of a few benchmarks) are merged. The end-to-end and
+quality tables (the headline) are also printed.
 """
 from __future__ import annotations
 
@@ -198,7 +199,15 @@ def main() -> None:
         if pictures:
             text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pictures) + "\n"
         args.out.write_text(text + "\n")
+        print(headline(text))
         print(f"wrote {args.out}" + "".join(f", {p}" for p in pictures))
+
+
+def headline(text: str) -> str:
+    """The end-to-end and quality sections of a rendered report (what `make bench` prints)."""
+    sections = text.split("\n### ")
+    keep = [s for s in sections[1:] if s.startswith(("e2e train step", "quality"))]
+    return "\n".join("### " + s.rstrip() + "\n" for s in keep)
 
 
 if __name__ == "__main__":
