@@ -171,6 +171,8 @@ def plots(data: dict, outdir: Path) -> list[Path]:
         for model, rows in sorted(res.items()):
             rows.sort()
             ax.plot([r for r, _ in rows], [v for _, v in rows], "o-", label=model)
+        if base and "baseline" not in res:  # the cost BUS at a higher resolution is held against
+            ax.axhline(base, color="gray", ls="--", label="baseline@224")
         ax.set(xlabel="image resolution (px)", ylabel="train images/s", title="ViT-B/16 train step")
         ax.legend()
         fig.tight_layout()
