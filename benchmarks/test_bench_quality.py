@@ -45,15 +45,21 @@ def _train_seeds(model: str, out: Path) -> list[dict]:
     for seed in SEEDS:
         d = out / f"{model}-seed{seed}"
         cmd = [sys.executable, "-m", "bus.train", *ARGS, "--model", model, "--seed", str(seed), "--out", str(d)]
-        procs.append((d, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                          text=True)))
+        with open(out / f"{d.name}.log", "w") as log:  # a file, not a pipe: no run blocks on its output
+            procs.append((d, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)))
     evals = []
-    for d, p in procs:
-        log = p.communicate()[0]
-        if p.returncode:
-            raise RuntimeError(f"bus.train {model} ({d.name}) failed:\n{log[-3000:]}")
-        recs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
-        evals.append([r for r in recs if r["kind"] == "eval"][-1])
+    try:
+        for d, p in procs:
+            if p.wait():
+                log = (out / f"{d.name}.log").read_text()
+                raise RuntimeError(f"bus.train {model} ({d.name}) failed:\n{log[-3000:]}")
+            recs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+            evals.append([r for r in recs if r["kind"] == "eval"][-1])
+    finally:
+        for _, p in procs:  # one failed: do not leave the others running
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     return evals
 
 
