@@ -20,19 +20,24 @@ import torch
 from bus.model import BUSConfig, BUSModel
 
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+
+
 def _once(fn) -> float:
     t0 = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=ON_GPU):  # as the e2e benchmark
+        fn()
+    if ON_GPU:
         torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
 def parts(model: BUSModel, batch: int, img_size: int, text_len: int) -> tuple[dict, int]:
     g = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, img_size, img_size, generator=g)
-    ids = torch.randint(5, model.config.vocab_size, (batch, text_len), generator=g)
-    am = torch.ones(batch, text_len, dtype=torch.long)
+    images = torch.randn(batch, 3, img_size, img_size, generator=g).to(DEVICE)
+    ids = torch.randint(5, model.config.vocab_size, (batch, text_len), generator=g).to(DEVICE)
+    am = torch.ones(batch, text_len, dtype=torch.long, device=DEVICE)
     D = model.vision.embed_dim
 
     def image_side():
@@ -40,12 +45,12 @@ def parts(model: BUSModel, batch: int, img_size: int, text_len: int) -> tuple[di
         mem, _ = model.image_memory(tokens, pad)
         (mem.float().mean() + tokens[:, 0].float().mean()).backward()
 
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=ON_GPU):
         tokens, pad = model.encode_image(images)
         mem_len = model.image_memory(tokens, pad)[0].shape[1]
-    text = torch.randn(batch, text_len, D, generator=g).requires_grad_()
-    mem = torch.randn(batch, mem_len, D, generator=g).requires_grad_()
-    no_pad = torch.zeros(batch, text_len, dtype=torch.bool)
+    text = torch.randn(batch, text_len, D, generator=g).to(DEVICE).requires_grad_()
+    mem = torch.randn(batch, mem_len, D, generator=g).to(DEVICE).requires_grad_()
+    no_pad = torch.zeros(batch, text_len, dtype=torch.bool, device=DEVICE)
 
     def itm():
         t3, m3 = torch.cat([text] * 3), torch.cat([mem] * 3)
@@ -71,19 +76,20 @@ def main() -> None:
     args = ap.parse_args()
     cfg = BUSConfig(vocab_size=1000, img_size=args.img_size, keep=args.keep)
     torch.manual_seed(0)
-    fb, mem_base = parts(BUSModel(cfg, bus=False).train(), args.batch, args.img_size, args.text_len)
+    fb, mem_base = parts(BUSModel(cfg, bus=False).to(DEVICE).train(), args.batch, args.img_size, args.text_len)
     torch.manual_seed(0)
-    fv, mem_bus = parts(BUSModel(cfg, bus=True).train(), args.batch, args.img_size, args.text_len)
+    fv, mem_bus = parts(BUSModel(cfg, bus=True).to(DEVICE).train(), args.batch, args.img_size, args.text_len)
     base, bus = {}, {}
     for name in fb:  # the two models alternate, so a drift of the machine's speed hits both alike
-        fb[name](), fv[name]()  # warm-up
+        _once(fb[name]), _once(fv[name])  # warm-up
         tb, tv = [], []
         for _ in range(args.rounds):
             tb.append(_once(fb[name]))
             tv.append(_once(fv[name]))
         base[name], bus[name] = min(tb), min(tv)
-    print(f"ViT-B/16 {args.img_size}px, batch {args.batch}, fp32, forward + backward, min of {args.rounds} after a "
-          f"warm-up ({'GPU' if torch.cuda.is_available() else 'CPU'}); BUS keep {args.keep} at blocks "
+    where = torch.cuda.get_device_name() if ON_GPU else "CPU"
+    print(f"ViT-B/16 {args.img_size}px, batch {args.batch}, {'bf16 autocast' if ON_GPU else 'fp32'}, forward + "
+          f"backward, min of {args.rounds} after a warm-up ({where}); BUS keep {args.keep} at blocks "
           f"{tuple(cfg.tsps_layers)} + PAD {cfg.pad_queries}; fusion memory {mem_base} (baseline) / {mem_bus} (BUS) tokens\n")
     print("| part | baseline ms | BUS ms | BUS / baseline |\n|---|---:|---:|---:|")
     for (k, b), v in zip(base.items(), bus.values()):

@@ -38,7 +38,8 @@ ARGS = [
 def _train_seeds(model: str, out: Path) -> list[dict]:
     """One ``bus.train`` process per seed, all at once, the cores split between them; returns
     each run's final evaluation record."""
-    threads = max(1, (os.cpu_count() or 1) // len(SEEDS))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // len(SEEDS))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     procs = []

@@ -4,7 +4,8 @@
 the kept tokens), a BERT text encoder (``transformers`` config, random init), and a fusion
 encoder (self-attention over the text, cross-attention to the image summary). Losses: ITC
 (image-text contrastive), ITM (matching, hard negatives from the ITC similarities), PTM
-(patch-text matching on the TSPS per-patch logits), LM (captioning, the fusion stack run causally).
+(patch-text matching on each TSPS layer's relevance scores), LM (captioning, the fusion stack run
+causally).
 ``BaselineModel`` is the same model without TSPS and PAD: the fusion encoder attends to every
 ViT token. Both are built from one :class:`BUSConfig`, so comparisons are like for like.
 
@@ -250,7 +251,8 @@ class BUSModel(nn.Module):
             if use.any():
                 mass_pos = (scores * pos).sum(dim=1)[use]
                 mass_known = (scores * known).sum(dim=1)[use]
-                terms.append((mass_known.clamp(min=1e-12).log() - mass_pos.clamp(min=1e-12).log()).mean())
+                tiny = torch.finfo(torch.float32).tiny  # only guards an exact 0; keeps the gradient otherwise
+                terms.append((mass_known.clamp(min=tiny).log() - mass_pos.clamp(min=tiny).log()).mean())
         return torch.stack(terms).mean() if terms else zero
 
 

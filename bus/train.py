@@ -628,6 +628,9 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 
     step = 0
     if ckpt is not None:
+        if any(".bus_tsps.ptm_head." in k for k in ckpt["model"]):
+            raise ConfigError("--resume: this checkpoint has per-patch PTM heads (written before PTM trained "
+                              "the selector's own scores); its weights and optimizer state do not fit this version")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])

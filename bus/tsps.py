@@ -34,7 +34,8 @@ class PruneState:
     Tokens are either padded-free fixed ``[B, N', D]`` or packed ``[total, D]`` (``cu_seqlens`` set).
     ``sizes``: float32, patches per token (``None`` until the first selection: all 1).
     ``patch_ids``: int64, the original patch index of each token (-1 for prefix and fused tokens).
-    ``records``: one dict per TSPS layer (scores, patch ids, PTM logits) for losses and pictures.
+    ``records``: one dict per TSPS layer (scores, patch ids, and per-patch logits with ``ptm_head``)
+    for losses and pictures.
     """
 
     batch: int
