@@ -164,7 +164,7 @@ def test_resume_refuses_checkpoint_with_old_ptm_heads(tmp_path, capsys):
     weights and optimizer slots this model lacks: a clear error, not a load_state_dict trace."""
     out = str(tmp_path / "run")
     common = ["--out", out, "--batch-size", "4", "--train-samples", "8", "--val-samples", "4", "--viz-samples", "0"]
-    main(TINY + common + ["--steps", "1"])
+    main(TINY + common + ["--steps", "2", "--stop-after", "1"])
     ck = torch.load(os.path.join(out, "last.pt"), weights_only=False)
     ck["model"]["vision.blocks.1.bus_tsps.ptm_head.weight"] = torch.zeros(1, 64)
     torch.save(ck, os.path.join(out, "last.pt"))
