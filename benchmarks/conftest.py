@@ -26,7 +26,7 @@ except ImportError:
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
-CPU_ROUND_BUDGET_S = 5.0
+CPU_ROUND_BUDGET_S = 3.0
 
 
 def fused_backends(implemented) -> list[str]:
