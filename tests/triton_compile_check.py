@@ -1,58 +1,368 @@
-"""Compiles every shipped Triton kernel configuration for real GPUs, without a GPU.
+"""Compiles the Triton kernels that run at the mission shapes exactly as the JIT compiles them, for
+sm_80 and sm_90, without a GPU, and reports registers, spills and shared memory per launch.
 
-Each module ``bus_kernels.triton.<op>`` exposes ``compile_cases()``, yielding
-``(kernel, signature, constexprs, options)`` for every dtype x tile config it can launch
-(``options``: ``num_warps``/``num_stages``). This script compiles each case with
-``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` for cc 80 and 90 and fails on a
-compile error or on shared memory beyond the device's limit.
+What "exactly" means. At run time ``JITFunction.run`` binds a launch's arguments with a binder
+made by ``triton.runtime.jit.create_function_from_signature``: pointers whose address is a multiple
+of 16 bytes and ints divisible by 16 get the ``tt.divisibility = 16`` attribute, ints equal to 1
+become constants, then ``_pack_args`` turns that into ``(signature, constexprs, attrs)`` for
+``ASTSource``. A check that builds ``ASTSource(fn, signature, constexprs)`` by hand compiles another
+kernel (no vectorised or ``cp.async`` loads, different register allocation, shared memory
+under-reported up to 2x). So this check never writes a signature:
 
-It must run without TRITON_INTERPRET (the interpreter replaces kernels by Python functions), so
-the test suite runs it in subprocesses, one per target so that they compile in parallel:
-``python tests/triton_compile_check.py [--cc 80] MODULE [MODULE...]``.
+1. it calls each public op, forward and backward, with ``backend="triton"`` on CPU tensors laid
+   out as ``bus`` lays them out at the mission shapes (B=64, N=197/577 tokens, D=768, H=768/d),
+   with ``JITFunction.run`` replaced by a recorder: the launchers choose tiles, warps and stages
+   exactly as on a GPU, and each launch's ``(kernel, args, kwargs)`` is kept (kernel outputs stay
+   unwritten; no host code reads them). ``select``'s grid sizing reads the SM count, which is set
+   to the target's (108 on A100, 132 on H100/H200);
+2. each launch is bound by the JIT's own binder for the target and packed by the JIT's own
+   ``_pack_args`` (the two steps of ``JITFunction.run``), then ``triton.compile`` builds it for
+   ``GPUTarget("cuda", cc, 32)``: the same cubin as on the device. Launches with the same
+   specialisation are compiled once, as the JIT caches them; Triton's on-disk cache
+   (``TRITON_CACHE_DIR``) makes a second run cheap;
+3. per launch: registers and stack frame from ``cuobjdump -res-usage`` on the cubin (the stack
+   frame is what ptxas spills to; Triton's ``n_spills`` is that local size / 4) and shared memory
+   from the kernel's metadata.
+
+Usage (needs no GPU, but real kernels: TRITON_INTERPRET must be unset)::
+
+    python tests/triton_compile_check.py [--cc 80 90] [--ops relevance select varlen] [--json OUT]
+
+prints one line per case and launch and exits 1 when a case breaks a limit (no spills, shared
+memory within the target's opt-in limit). ``tests/test_triton_compile.py`` runs it once and
+asserts per case.
 """
 from __future__ import annotations
 
-import importlib
+import argparse
+import contextlib
+import json
+import math
 import os
+import re
+import subprocess
 import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Callable, Iterator, NamedTuple
 
 # Opt-in shared memory per block (bytes): A100 (sm_80) and H100/H200 (sm_90).
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+SM_COUNT = {80: 108, 90: 132}
+CCS = (80, 90)
+
+# Mission shapes: ViT-B/16 at 224 px (197 tokens) and 384 px (577), batch 64, width 768, one
+# class token; text of 1 ([CLS]) to 256 tokens.
+BATCH, WIDTH, PREFIX = 64, 768, 1
+TOKENS = (197, 577)
+HEAD_DIMS = (64, 128, 256)
+TEXT_LENS = (1, 32, 256)
+DTYPES = ("fp32", "fp16", "bf16")
+OPS = ("relevance", "select", "varlen")
 
 
-def check_module(name: str, ccs=(80, 90)) -> int:
+class Case(NamedTuple):
+    """One workload: an op at one shape and dtype (d and T only where the op depends on them)."""
+
+    op: str
+    dtype: str
+    N: int
+    d: int = 0
+    T: int = 0
+
+    @property
+    def name(self) -> str:
+        extra = (f"-d{self.d}" if self.d else "") + (f"-T{self.T}" if self.T else "")
+        return f"{self.op}-{self.dtype}-N{self.N}{extra}"
+
+
+def cases(ops=OPS) -> list[Case]:
+    """Every workload of the check, per dtype: relevance at N=577 for every d x T and at N=197 for
+    d=64 (ViT-B/16 at 224 px; N only changes whether the JIT sees N divisible by 16); select at
+    both N (its kernels see D=768 and N, not d or T); varlen attention at N=577 for every d and at
+    N=197 for d=64."""
+    out = []
+    for dtype in DTYPES:
+        for N in TOKENS:
+            dims = HEAD_DIMS if N == max(TOKENS) else (64,)
+            if "relevance" in ops:
+                out += [Case("relevance", dtype, N, d, T) for d in dims for T in TEXT_LENS]
+            if "select" in ops:
+                out.append(Case("select", dtype, N))
+            if "varlen" in ops:
+                out += [Case("varlen", dtype, N, d) for d in dims]
+    return out
+
+
+# ------------------------------------------------------------------------------ the workloads
+def _torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def _run_relevance(case: Case) -> None:
+    """Forward and backward of relevance_scores as TSPS calls it: k a view of the fused qkv output
+    without the prefix token, q [B, H, T, d] from a [B, T, H*d] projection, a q_mask for T > 1."""
+    import torch
+
+    import bus_kernels as bk
+
+    dt, B, H, d, T, N = _torch_dtype(case.dtype), BATCH, WIDTH // case.d, case.d, case.T, case.N
+    # Values do not matter (nothing runs) and torch.empty costs nothing at B=64.
+    qkv = torch.empty(B, N, 3, H, d, dtype=dt).permute(2, 0, 3, 1, 4)
+    k = qkv[1][:, :, PREFIX:].requires_grad_(True)
+    q = torch.empty(B, T, H, d, dtype=dt).transpose(1, 2).requires_grad_(True)
+    mask = None
+    if T > 1:
+        mask = torch.rand(B, T) < 0.8
+        mask[:, 0] = True
+    s = bk.relevance_scores(q, k, scale=d**-0.5, q_mask=mask, backend="triton")
+    s.backward(torch.empty_like(s))
+
+
+def _select_inputs(case: Case):
+    import torch
+
+    dt, B, N = _torch_dtype(case.dtype), BATCH, case.N
+    x = torch.empty(B, N, WIDTH, dtype=dt, requires_grad=True)
+    scores = torch.rand(B, N - PREFIX).softmax(dim=1).requires_grad_(True)
+    return x, scores
+
+
+def _run_select(case: Case) -> None:
+    """select_tokens (fixed keep 0.7, fuse="sum") and select_tokens_varlen (mass 0.8), forward and
+    backward, as TSPS calls them; scores are fp32 like relevance_scores' output."""
+    import torch
+
+    import bus_kernels as bk
+
+    x, scores = _select_inputs(case)
+    keep = math.ceil(0.7 * (case.N - PREFIX))
+    sel = bk.select_tokens(x, scores, keep, num_prefix=PREFIX, fuse="sum", backend="triton")
+    sel.tokens.backward(torch.empty_like(sel.tokens))
+    x, scores = _select_inputs(case)
+    sel = bk.select_tokens_varlen(x, scores, mass=0.8, min_keep=1, num_prefix=PREFIX, fuse="sum", backend="triton")
+    sel.tokens.backward(torch.empty_like(sel.tokens))
+
+
+def _run_varlen(case: Case) -> None:
+    """varlen_attention forward and backward on packed tokens as TSPS runs it: q, k, v views of one
+    fused qkv output [total, 3, H, d], with the proportional key bias log(size) in q's dtype that
+    every packed block gets (TSPS has fused tokens by then)."""
+    import torch
+
+    import bus_kernels as bk
+
+    dt, B, H, d = _torch_dtype(case.dtype), BATCH, WIDTH // case.d, case.d
+    gen = torch.Generator().manual_seed(case.N * 1000 + case.d)
+    n = case.N - PREFIX
+    lengths = PREFIX + 1 + torch.randint(int(0.3 * n), int(0.9 * n) + 1, (B,), generator=gen)
+    cu = torch.zeros(B + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lengths, 0)
+    total, max_seqlen = int(cu[-1]), int(lengths.max())
+    qkv = torch.empty(total, 3, H, d, dtype=dt, requires_grad=True)
+    q, k, v = qkv.unbind(1)
+    bias = torch.rand(total).add(1).log().to(dt)
+    out = bk.varlen_attention(q, k, v, cu, max_seqlen, scale=d**-0.5, key_bias=bias, backend="triton")
+    out.backward(torch.empty_like(out))
+
+
+RUNNERS: dict[str, Callable[[Case], None]] = {
+    "relevance": _run_relevance, "select": _run_select, "varlen": _run_varlen,
+}
+
+
+# ---------------------------------------------------------------------------- recording launches
+class Launch(NamedTuple):
+    kernel: object  # triton.runtime.jit.JITFunction
+    args: tuple
+    kwargs: dict
+
+
+@contextlib.contextmanager
+def recording(cc: int) -> Iterator[list[Launch]]:
+    """Within: Triton launches are recorded instead of run, the ops accept backend="triton" on CPU
+    tensors (their launchers then run unchanged) and the SM count is sm_``cc``'s."""
+    from triton.runtime.jit import JITFunction
+
+    from bus_kernels import _backend
+    import bus_kernels.triton.select as tselect
+
+    launches: list[Launch] = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append(Launch(self, args, dict(kwargs)))
+        return None
+
+    real_resolve = _backend.resolve
+
+    def resolve(op, requested, device, implemented, *rest, **kw):
+        if requested == "triton":
+            return "triton"
+        return real_resolve(op, requested, device, implemented, *rest, **kw)
+
+    saved = [(JITFunction, "run", JITFunction.run), (_backend, "resolve", real_resolve)]
+    JITFunction.run = record
+    _backend.resolve = resolve
+    if hasattr(tselect, "_target_programs"):  # grid sizing by SM count (4 waves)
+        saved.append((tselect, "_target_programs", tselect._target_programs))
+        tselect._target_programs = lambda device: 4 * SM_COUNT[cc]
+    try:
+        yield launches
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+
+
+def record_case(case: Case, cc: int) -> list[Launch]:
+    import torch
+
+    torch.manual_seed(zlib.crc32(case.name.encode()))
+    with recording(cc) as launches:
+        RUNNERS[case.op](case)
+    return launches
+
+
+# ----------------------------------------------------------------------------------- compiling
+def _cuobjdump() -> str:
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    mod = importlib.import_module(name)
-    count = 0
-    for kernel, signature, constexprs, options in mod.compile_cases():
-        for cc in ccs:
-            src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-            try:
-                compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(options))
-            except Exception as exc:  # report which case failed, then fail
-                raise RuntimeError(f"{name}: {kernel.__name__} {constexprs} {options} failed for sm_{cc}: {exc}") from exc
-            shared = compiled.metadata.shared
-            if shared > SMEM_LIMIT[cc]:
-                raise RuntimeError(
-                    f"{name}: {kernel.__name__} {constexprs} {options} needs {shared} B of shared memory "
-                    f"on sm_{cc} (limit {SMEM_LIMIT[cc]})"
-                )
-            count += 1
-    return count
+    try:
+        return triton.knobs.nvidia.cuobjdump.path
+    except Exception:  # older triton: the binary ships next to ptxas
+        return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
 
 
-def main(argv: list[str]) -> None:
+def resource_usage(cubin: bytes, tmpdir: Path) -> dict:
+    """{"regs", "stack", "local"} of the one function in ``cubin`` (cuobjdump -res-usage)."""
+    path = tmpdir / "k.cubin"
+    path.write_bytes(cubin)
+    out = subprocess.run([_cuobjdump(), "-res-usage", str(path)], check=True, capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    if m is None:
+        raise RuntimeError(f"cuobjdump -res-usage: no resource line in {out!r}")
+    return {"regs": int(m[1]), "stack": int(m[2]), "local": int(m[4])}
+
+
+class Compiler:
+    """Compiles launches as ``JITFunction.run`` would on a device of capability ``cc``, once per
+    specialisation (the JIT's cache key), and keeps the resource figures."""
+
+    def __init__(self, tmpdir: Path):
+        self.tmpdir = tmpdir
+        self.done: dict[tuple, dict] = {}
+        self.compile_s = 0.0
+
+    def compile(self, launch: Launch, cc: int) -> dict:
+        import triton
+        from triton import knobs
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource, make_backend
+        from triton.runtime.jit import create_function_from_signature
+
+        kernel, kwargs = launch.kernel, dict(launch.kwargs)
+        # As JITFunction.run: these two options come from the kernel and the knobs.
+        kwargs["debug"] = kwargs.get("debug", kernel.debug) or knobs.runtime.debug
+        if hasattr(knobs.compilation, "instrumentation_mode"):
+            kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+        target = GPUTarget("cuda", cc, 32)
+        backend = make_backend(target)
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        bound_args, specialization, options = binder(*launch.args, **kwargs)
+        key = (kernel.fn.__qualname__, cc, str(specialization), str(sorted(options.items())))
+        if key in self.done:
+            return self.done[key]
+        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+        names = kernel.arg_names
+        rec = {
+            "kernel": kernel.fn.__name__,
+            "cc": cc,
+            "constexprs": {names[k[0]]: str(v) for k, v in constexprs.items() if kernel.params[k[0]].is_constexpr},
+            # runtime ints the JIT turned into constants (== 1) and args it marked 16-divisible
+            "ones": [names[k[0]] for k in constexprs if not kernel.params[k[0]].is_constexpr],
+            "divisible16": [names[k[0]] for k, v in attrs.items() if "tt.divisibility" in str(v)],
+            "num_warps": options.num_warps,
+            "num_stages": options.num_stages,
+        }
+        t0 = time.perf_counter()
+        try:
+            src = ASTSource(kernel, signature, constexprs, attrs)
+            compiled = triton.compile(src, target=target, options=options.__dict__)
+            rec["shared"] = int(compiled.metadata.shared)
+            rec.update(resource_usage(compiled.asm["cubin"], self.tmpdir))
+            rec["error"] = None
+        except Exception as exc:  # recorded per case: the test names the case and the error
+            rec["error"] = f"{type(exc).__name__}: {str(exc)[-2000:]}"
+        rec["seconds"] = round(time.perf_counter() - t0, 2)
+        self.compile_s += rec["seconds"]
+        self.done[key] = rec
+        return rec
+
+
+def problems(rec: dict) -> list[str]:
+    """What is wrong with one compiled launch: a compile error, spills, too much shared memory."""
+    if rec["error"]:
+        return [f"compile error: {rec['error']}"]
+    out = []
+    spill = rec["stack"] + rec["local"]
+    if spill:
+        out.append(f"spills: {rec['regs']} registers + {spill} B stack/local per thread")
+    if rec["shared"] > SMEM_LIMIT[rec["cc"]]:
+        out.append(f"shared memory {rec['shared']} B > sm_{rec['cc']} limit {SMEM_LIMIT[rec['cc']]} B")
+    return out
+
+
+def describe(rec: dict) -> str:
+    consts = ",".join(f"{k}={v}" for k, v in rec["constexprs"].items())
+    res = "ERROR" if rec["error"] else f"regs={rec['regs']} stack={rec['stack']} smem={rec['shared']}"
+    return f"{rec['kernel']}[{consts}] w{rec['num_warps']}s{rec['num_stages']}: {res} ({rec['seconds']}s)"
+
+
+def run_check(selected: list[Case], ccs=CCS, log=print) -> dict:
+    """{case name: {"sm_80": [launch records], ...}} for every selected case."""
+    import tempfile
+
+    import torch
+
+    torch.set_num_threads(1)  # host work is tiny next to the compiles; keep CI's 2nd core free
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        compiler = Compiler(Path(tmp))
+        for case in selected:
+            results[case.name] = {}
+            for cc in ccs:
+                recs = []
+                for launch in record_case(case, cc):
+                    recs.append(compiler.compile(launch, cc))
+                results[case.name][f"sm_{cc}"] = recs
+                bad = [p for r in recs for p in problems(r)]
+                log(f"{case.name} sm_{cc}: {len(recs)} launches, {'FAIL' if bad else 'ok'}")
+                for r in recs:
+                    log(f"    {describe(r)}" + "".join(f"\n      !! {p}" for p in problems(r)))
+        log(f"compiled {len(compiler.done)} distinct kernels in {compiler.compile_s:.0f} s")
+    return results
+
+
+def main(argv: list[str]) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("triton_compile_check: unset TRITON_INTERPRET (compile checks need real kernels)")
-    ccs = (80, 90)
-    if argv[:1] == ["--cc"]:
-        ccs, argv = (int(argv[1]),), argv[2:]
-    for name in argv:
-        print(f"{name}: {check_module(name, ccs)} compilations ok")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cc", type=int, nargs="+", default=list(CCS), choices=list(CCS))
+    p.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
+    p.add_argument("--only", default="", help="substring of the case names to run (e.g. bf16-N577)")
+    p.add_argument("--json", help="write {case: {sm_cc: [launch records]}} here")
+    a = p.parse_args(argv)
+    selected = [c for c in cases(a.ops) if a.only in c.name]
+    t0 = time.perf_counter()
+    results = run_check(selected, tuple(a.cc), log=lambda s: print(s, flush=True))
+    print(f"triton_compile_check: {len(selected)} cases in {time.perf_counter() - t0:.0f} s", flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+    failed = any(problems(r) for per_cc in results.values() for recs in per_cc.values() for r in recs)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))
