@@ -74,7 +74,15 @@ def packed_lengths(B, N, device, *, keep=MISSION["keep"], P=MISSION["prefix"], s
 
 
 # ------------------------------------------------------------------------------------- bench
+_SMOKE = False  # --smoke: CPU, tiny batch, one untimed-quality call per row (checks the code runs)
+
+
 def _do_bench(fn) -> float:
+    if _SMOKE:
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - t0)
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
@@ -83,15 +91,17 @@ def _do_bench(fn) -> float:
 def _ceilings(device) -> dict:
     """Copy bandwidth (GB/s) and bf16 matmul rate (TFLOP/s) measured now, on this device."""
     torch = _torch()
-    src = torch.empty(512 * 2**20, dtype=torch.uint8, device=device)  # 512 MiB: far above L2
+    size = 2**20 if _SMOKE else 512 * 2**20  # 512 MiB: far above L2
+    src = torch.empty(size, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     ms = _do_bench(lambda: dst.copy_(src))
     copy = 2 * src.numel() / ms / 1e6
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    m = 256 if _SMOKE else 8192
+    a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
     b = torch.randn_like(a)
     ms_mm = _do_bench(lambda: a @ b)
     del src, dst
-    return {"copy_GBps": copy, "bf16_matmul_TFLOPs": 2 * 8192**3 / ms_mm / 1e9}
+    return {"copy_GBps": copy, "bf16_matmul_TFLOPs": 2 * m**3 / ms_mm / 1e9}
 
 
 def _row(op, impl, shape, mode, ms, nbytes=None, flops=None, ceil=None):
@@ -105,10 +115,18 @@ def _row(op, impl, shape, mode, ms, nbytes=None, flops=None, ceil=None):
     return r
 
 
+def _ops_module(name: str):
+    """bus_kernels.ops.<name> (the package re-exports functions under some of these names)."""
+    import importlib
+
+    return importlib.import_module(f"bus_kernels.ops.{name}")
+
+
 def _backends(op_implemented) -> list[str]:
     import bus_kernels as bk
 
-    return [b for b in ("triton", "cuda", "torch") if b in op_implemented and b in bk.available_backends()]
+    cands = ("cpu", "torch") if _SMOKE else ("triton", "cuda", "torch")
+    return [b for b in cands if b in op_implemented and b in bk.available_backends()]
 
 
 def _grad_fn(make_out, inputs):
@@ -130,10 +148,12 @@ def bench(out_dir: Path, quick: bool = False) -> list[dict]:
     import torch.nn.functional as F
 
     import bus_kernels as bk
-    from bus_kernels.ops import relevance as rel_op, select as sel_op, varlen_attention as va_op
+    rel_op, sel_op, va_op = (_ops_module(m) for m in ("relevance", "select", "varlen_attention"))
 
-    dev, dt = torch.device("cuda"), torch.bfloat16
+    dev, dt = torch.device("cpu" if _SMOKE else "cuda"), torch.bfloat16
     B, D, H, d, P = MISSION["B"], MISSION["D"], MISSION["H"], MISSION["d"], MISSION["prefix"]
+    if _SMOKE:
+        B = 2
     es = torch.finfo(dt).bits // 8
     ceil = _ceilings(dev)
     print(f"ceilings: copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['bf16_matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
@@ -214,7 +234,7 @@ def bench(out_dir: Path, quick: bool = False) -> list[dict]:
             except Exception as exc:  # not every build has its kernel (flash/cuDNN)
                 print(f"torch.nn.attention.varlen.varlen_attn: {type(exc).__name__}: {exc}"[:300], flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "ceilings": ceil,
+    meta = {"torch": torch.__version__, "gpu": "CPU smoke run" if _SMOKE else torch.cuda.get_device_name(), "ceilings": ceil,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     try:
         import triton
@@ -303,7 +323,7 @@ def count_syncs(out_dir: Path | None) -> bool:
     }
     ok, rows = True, []
     for name, (fn, op) in cases.items():
-        impl = __import__(f"bus_kernels.ops.{_OP_MODULE[op]}", fromlist=["IMPLEMENTED"]).IMPLEMENTED
+        impl = _ops_module(_OP_MODULE[op]).IMPLEMENTED
         for be in [b for b in ("triton", "cuda") if b in impl and b in bk.available_backends()]:
             try:
                 fn(be, True).sum().backward()  # warm-up: compile, allocator
@@ -444,7 +464,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("what", choices=("bench", "syncs", "sanitize", "summary", "plan"))
     p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
     p.add_argument("--quick", action="store_true", help="bench: only N=577")
+    p.add_argument("--smoke", action="store_true", help="bench on CPU at batch 2 (tests that the code runs)")
     a = p.parse_args(argv)
+    global _SMOKE
+    _SMOKE = a.smoke
     out = Path(a.out)
     if a.what == "plan":
         plan()
@@ -453,6 +476,9 @@ def main(argv: list[str]) -> int:
         summary(out)
         return 0
     torch = _torch()
+    if a.what == "bench" and a.smoke:
+        bench(out, a.quick)
+        return 0
     if not torch.cuda.is_available():
         print(f"gpu_bench {a.what}: needs a CUDA GPU", file=sys.stderr)
         return 2

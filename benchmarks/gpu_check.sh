@@ -12,6 +12,7 @@
 #   6 bench     kernels at the mission shapes (B=64, N=197/577, D=768, H=12, d=64, T=1/32, bf16):
 #               GB/s and % of copy, TFLOP/s, vs padded SDPA and torch.nn.attention.varlen
 #   7 e2e       the baseline/BUS train-step pair at batch 64 bf16, interleaved
+#   8 compilecheck  the CPU compile check's kernels are the JIT's: same hashes, runtime n_regs/n_spills
 #   then a summary table (benchmarks/gpu_bench.py summary), printed last.
 # Usage, from the repo root:
 #   bash benchmarks/gpu_check.sh             # on the device machine (run timeout_s about 560)
@@ -39,7 +40,8 @@ stage() {
   ((budget > left)) && budget=$left
   echo "== $name (timeout ${budget}s): $*"
   if ((DRY)); then
-    printf '%s\tplanned\t%s\t%s\n' "$name" "$budget" "$*" >>"$OUT/stages.tsv"
+    local cmd="$*"
+    printf '%s\tplanned\t%s\t%s\n' "$name" "$budget" "${cmd//$'\n'/ }" >>"$OUT/stages.tsv"
     return 0
   fi
   if ((budget < 10)); then
@@ -63,7 +65,7 @@ stage() {
 SANITIZE=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --error-exitcode 3 --target-processes all
   --print-limit 20)
 
-SCRIPTS=(benchmarks/gpu_bench.py benchmarks/gpu_pytest_syncs.py benchmarks/test_bench_e2e.py benchmarks/conftest.py setup.py)
+SCRIPTS=(benchmarks/gpu_bench.py benchmarks/gpu_pytest_syncs.py tests/triton_compile_check.py benchmarks/test_bench_e2e.py benchmarks/conftest.py setup.py)
 
 # What the run needs, checked first (and all that --dry-run checks besides the plan).
 preflight() {
@@ -108,15 +110,15 @@ EOF
   PREFLIGHT=$?
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null
   # ptxas -v output (registers/spills of the CUDA kernels) goes to build.log; its summary to the log.
-  stage build 120 bash -c "$PY setup.py build_ext --inplace > '$OUT/build.log' 2>&1; rc=\$?; tail -3 '$OUT/build.log';
-    grep -E 'ptxas info *: Used|spill' '$OUT/build.log' | sort | uniq -c | sort -rn | head -6; exit \$rc"
-  stage tests 140 "$PY" -m pytest tests -q -p no:cacheprovider -p benchmarks.gpu_pytest_syncs --maxfail=30 -W default
-  stage syncs 35 "$PY" benchmarks/gpu_bench.py syncs --out "$OUT"
-  stage memcheck 45 "${SANITIZE[@]}" --tool memcheck "$PY" benchmarks/gpu_bench.py sanitize
-  stage racecheck 45 "${SANITIZE[@]}" --tool racecheck "$PY" benchmarks/gpu_bench.py sanitize
+  stage build 110 bash -c "$PY setup.py build_ext --inplace > '$OUT/build.log' 2>&1; rc=\$?; tail -3 '$OUT/build.log'; grep -E 'ptxas info *: Used|spill' '$OUT/build.log' | sort | uniq -c | sort -rn | head -6; exit \$rc"
+  stage tests 130 "$PY" -m pytest tests -q -p no:cacheprovider -p benchmarks.gpu_pytest_syncs --maxfail=30 -W default
+  stage syncs 30 "$PY" benchmarks/gpu_bench.py syncs --out "$OUT"
+  stage memcheck 40 "${SANITIZE[@]}" --tool memcheck "$PY" benchmarks/gpu_bench.py sanitize
+  stage racecheck 40 "${SANITIZE[@]}" --tool racecheck "$PY" benchmarks/gpu_bench.py sanitize
   stage bench 90 "$PY" benchmarks/gpu_bench.py bench --out "$OUT"
   stage e2e 50 "$PY" -m pytest benchmarks/test_bench_e2e.py -k interleaved --benchmark-only \
     --benchmark-json "$OUT/e2e.json" -q -p no:cacheprovider
+  stage compilecheck 35 "$PY" tests/triton_compile_check.py --verify-runtime --only bf16-N577-d64 select-bf16-N577
   "$PY" benchmarks/gpu_bench.py summary --out "$OUT"
   echo "gpu_check: $(($(date +%s) - START)) s, preflight $([ "$PREFLIGHT" = 0 ] && echo ok || echo FAILED)"
   if ((DRY)); then exit "$PREFLIGHT"; fi

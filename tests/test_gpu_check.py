@@ -14,7 +14,7 @@ import bus_kernels as bk
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-STAGES = ("build", "tests", "syncs", "memcheck", "racecheck", "bench", "e2e")
+STAGES = ("build", "tests", "syncs", "memcheck", "racecheck", "bench", "e2e", "compilecheck")
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils timeout")
@@ -45,7 +45,7 @@ def test_dry_run_prints_the_plan_and_exits_0(tmp_path):
     # the budgets add up to one device call (<= 9 min) and the log and summary are written
     stages = (tmp_path / "stages.tsv").read_text().splitlines()
     assert [s.split("\t")[0] for s in stages] == list(STAGES)
-    assert sum(int(s.split("\t")[2]) for s in stages) <= 540
+    assert sum(int(s.split("\t")[2]) for s in stages) <= 525
     assert "gpu_check summary" in (tmp_path / "log.txt").read_text()
 
 
@@ -53,8 +53,9 @@ def test_dry_run_fails_when_a_called_script_is_broken(tmp_path):
     """A copy of the tree whose gpu_bench.py does not parse: the dry run must say so and fail."""
     root = tmp_path / "tree"
     (root / "benchmarks").mkdir(parents=True)
+    (root / "tests").mkdir()
     for rel in ("benchmarks/gpu_check.sh", "benchmarks/gpu_pytest_syncs.py", "benchmarks/test_bench_e2e.py",
-                "benchmarks/conftest.py", "setup.py"):
+                "benchmarks/conftest.py", "tests/triton_compile_check.py", "setup.py"):
         shutil.copy(ROOT / rel, root / rel)
     shutil.copytree(ROOT / "bus_kernels", root / "bus_kernels")
     shutil.copytree(ROOT / "bus", root / "bus")
@@ -62,6 +63,8 @@ def test_dry_run_fails_when_a_called_script_is_broken(tmp_path):
     proc = _dry_run(root, tmp_path / "out")
     assert proc.returncode != 0, proc.stdout
     assert "preflight FAILED" in proc.stdout
+    assert "script benchmarks/gpu_bench.py: parses" not in proc.stdout
+    assert "MISSING" not in proc.stdout.split("script ")[-1]  # only gpu_bench.py is at fault
 
 
 def _gpu_bench():

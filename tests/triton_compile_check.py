@@ -51,6 +51,9 @@ from typing import Callable, Iterator, NamedTuple
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 SM_COUNT = {80: 108, 90: 132}
 CCS = (80, 90)
+# A compile (mostly ptxas) slower than this counts as a failure: such a kernel also costs the GPU
+# session its minutes at first launch, and one pathological case must not stall CI.
+COMPILE_TIMEOUT_S = int(os.environ.get("BUS_COMPILE_TIMEOUT_S", "60"))
 
 # Mission shapes: ViT-B/16 at 224 px (197 tokens) and 384 px (577), batch 64, width 768, one
 # class token; text of 1 ([CLS]) to 256 tokens.
@@ -102,6 +105,18 @@ def _torch_dtype(name: str):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
+_DEVICE = "cpu"  # "cuda" in --verify-runtime: the same workloads really run
+
+
+def _new(*shape, dtype, requires_grad=False):
+    """Values do not matter when nothing runs, and torch.empty costs nothing at B=64; on a GPU the
+    kernels really run, on random data."""
+    import torch
+
+    make = torch.empty if _DEVICE == "cpu" else torch.randn
+    return make(*shape, dtype=dtype, device=_DEVICE, requires_grad=requires_grad)
+
+
 def _run_relevance(case: Case) -> None:
     """Forward and backward of relevance_scores as TSPS calls it: k a view of the fused qkv output
     without the prefix token, q [B, H, T, d] from a [B, T, H*d] projection, a q_mask for T > 1."""
@@ -110,24 +125,23 @@ def _run_relevance(case: Case) -> None:
     import bus_kernels as bk
 
     dt, B, H, d, T, N = _torch_dtype(case.dtype), BATCH, WIDTH // case.d, case.d, case.T, case.N
-    # Values do not matter (nothing runs) and torch.empty costs nothing at B=64.
-    qkv = torch.empty(B, N, 3, H, d, dtype=dt).permute(2, 0, 3, 1, 4)
+    qkv = _new(B, N, 3, H, d, dtype=dt).permute(2, 0, 3, 1, 4)
     k = qkv[1][:, :, PREFIX:].requires_grad_(True)
-    q = torch.empty(B, T, H, d, dtype=dt).transpose(1, 2).requires_grad_(True)
+    q = _new(B, T, H, d, dtype=dt).transpose(1, 2).requires_grad_(True)
     mask = None
     if T > 1:
-        mask = torch.rand(B, T) < 0.8
+        mask = torch.rand(B, T, device=_DEVICE) < 0.8
         mask[:, 0] = True
     s = bk.relevance_scores(q, k, scale=d**-0.5, q_mask=mask, backend="triton")
-    s.backward(torch.empty_like(s))
+    s.backward(torch.ones_like(s))
 
 
 def _select_inputs(case: Case):
     import torch
 
     dt, B, N = _torch_dtype(case.dtype), BATCH, case.N
-    x = torch.empty(B, N, WIDTH, dtype=dt, requires_grad=True)
-    scores = torch.rand(B, N - PREFIX).softmax(dim=1).requires_grad_(True)
+    x = _new(B, N, WIDTH, dtype=dt, requires_grad=True)
+    scores = torch.rand(B, N - PREFIX, device=_DEVICE).softmax(dim=1).requires_grad_(True)
     return x, scores
 
 
@@ -141,10 +155,10 @@ def _run_select(case: Case) -> None:
     x, scores = _select_inputs(case)
     keep = math.ceil(0.7 * (case.N - PREFIX))
     sel = bk.select_tokens(x, scores, keep, num_prefix=PREFIX, fuse="sum", backend="triton")
-    sel.tokens.backward(torch.empty_like(sel.tokens))
+    sel.tokens.backward(torch.ones_like(sel.tokens))
     x, scores = _select_inputs(case)
     sel = bk.select_tokens_varlen(x, scores, mass=0.8, min_keep=1, num_prefix=PREFIX, fuse="sum", backend="triton")
-    sel.tokens.backward(torch.empty_like(sel.tokens))
+    sel.tokens.backward(torch.ones_like(sel.tokens))
 
 
 def _run_varlen(case: Case) -> None:
@@ -162,11 +176,12 @@ def _run_varlen(case: Case) -> None:
     cu = torch.zeros(B + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(lengths, 0)
     total, max_seqlen = int(cu[-1]), int(lengths.max())
-    qkv = torch.empty(total, 3, H, d, dtype=dt, requires_grad=True)
+    cu = cu.to(_DEVICE)
+    qkv = _new(total, 3, H, d, dtype=dt, requires_grad=True)
     q, k, v = qkv.unbind(1)
-    bias = torch.rand(total).add(1).log().to(dt)
+    bias = torch.rand(total, device=_DEVICE).add(1).log().to(dt)
     out = bk.varlen_attention(q, k, v, cu, max_seqlen, scale=d**-0.5, key_bias=bias, backend="triton")
-    out.backward(torch.empty_like(out))
+    out.backward(torch.ones_like(out))
 
 
 RUNNERS: dict[str, Callable[[Case], None]] = {
@@ -246,6 +261,27 @@ def resource_usage(cubin: bytes, tmpdir: Path) -> dict:
     return {"regs": int(m[1]), "stack": int(m[2]), "local": int(m[4])}
 
 
+class CompileTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: int):
+    """SIGALRM after ``seconds``: raised while subprocess.run waits for ptxas, which then kills it."""
+    import signal
+
+    def on_alarm(signum, frame):
+        raise CompileTimeout(f"compile took more than {seconds} s (BUS_COMPILE_TIMEOUT_S)")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 class Compiler:
     """Compiles launches as ``JITFunction.run`` would on a device of capability ``cc``, once per
     specialisation (the JIT's cache key), and keeps the resource figures."""
@@ -288,9 +324,11 @@ class Compiler:
         }
         t0 = time.perf_counter()
         try:
-            src = ASTSource(kernel, signature, constexprs, attrs)
-            compiled = triton.compile(src, target=target, options=options.__dict__)
+            with _time_limit(COMPILE_TIMEOUT_S):
+                src = ASTSource(kernel, signature, constexprs, attrs)
+                compiled = triton.compile(src, target=target, options=options.__dict__)
             rec["shared"] = int(compiled.metadata.shared)
+            rec["hash"] = compiled.hash
             rec.update(resource_usage(compiled.asm["cubin"], self.tmpdir))
             rec["error"] = None
         except Exception as exc:  # recorded per case: the test names the case and the error
@@ -327,6 +365,11 @@ def run_check(selected: list[Case], ccs=CCS, log=print) -> dict:
     import torch
 
     torch.set_num_threads(1)  # host work is tiny next to the compiles; keep CI's 2nd core free
+    import bus_kernels
+
+    if hasattr(bus_kernels, "set_value_checks"):
+        # As on CUDA by default; the inputs here are uninitialised (torch.empty: nothing runs).
+        bus_kernels.set_value_checks(False)
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         compiler = Compiler(Path(tmp))
@@ -345,16 +388,62 @@ def run_check(selected: list[Case], ccs=CCS, log=print) -> dict:
     return results
 
 
+def verify_runtime(selected: list[Case], log=print) -> bool:
+    """On a GPU: the check's kernels are the runtime's. Runs each workload for real (CUDA tensors,
+    random data) and asserts that every kernel the JIT built has the hash (source, specialisation,
+    options, target) of one this check compiled for the same launches; prints the runtime's
+    registers and spills next to the check's."""
+    import tempfile
+
+    import torch
+
+    global _DEVICE
+    major, minor = torch.cuda.get_device_capability()
+    cc, dev = 10 * major + minor, torch.cuda.current_device()
+    ok = True
+    with tempfile.TemporaryDirectory() as tmp:
+        compiler = Compiler(Path(tmp))
+        for case in selected:
+            launches = record_case(case, cc)
+            predicted = {r.get("hash"): r for r in (compiler.compile(la, cc) for la in launches)}
+            _DEVICE = "cuda"
+            try:
+                torch.manual_seed(0)
+                RUNNERS[case.op](case)
+                torch.cuda.synchronize()
+            finally:
+                _DEVICE = "cpu"
+            for kernel in {id(la.kernel): la.kernel for la in launches}.values():
+                for ck in kernel.device_caches[dev][0].values():
+                    ck._init_handles()
+                    r = predicted.get(ck.hash)
+                    name = ck.metadata.name
+                    if r is None:
+                        ok = False
+                        log(f"{case.name}: runtime kernel {name} {ck.hash[:12]} (regs={ck.n_regs} spills={ck.n_spills}) "
+                            "was NOT compiled by the check")
+                    else:
+                        log(f"{case.name}: {name} same kernel as the check; runtime regs={ck.n_regs} "
+                            f"spills={ck.n_spills} smem={ck.metadata.shared}, check regs={r['regs']} stack={r['stack']}")
+    return ok
+
+
 def main(argv: list[str]) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("triton_compile_check: unset TRITON_INTERPRET (compile checks need real kernels)")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cc", type=int, nargs="+", default=list(CCS), choices=list(CCS))
     p.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
-    p.add_argument("--only", default="", help="substring of the case names to run (e.g. bf16-N577)")
+    p.add_argument("--only", nargs="+", default=[""], help="substrings of the case names to run (e.g. bf16-N577)")
     p.add_argument("--json", help="write {case: {sm_cc: [launch records]}} here")
+    p.add_argument("--verify-runtime", action="store_true",
+                   help="on a GPU: run the workloads and check that the JIT built the same kernels")
     a = p.parse_args(argv)
-    selected = [c for c in cases(a.ops) if a.only in c.name]
+    selected = [c for c in cases(a.ops) if any(o in c.name for o in a.only)]
+    if a.verify_runtime:
+        ok = verify_runtime(selected, log=lambda s: print(s, flush=True))
+        print(f"triton_compile_check --verify-runtime: {'ok' if ok else 'MISMATCH'}", flush=True)
+        return 0 if ok else 1
     t0 = time.perf_counter()
     results = run_check(selected, tuple(a.cc), log=lambda s: print(s, flush=True))
     print(f"triton_compile_check: {len(selected)} cases in {time.perf_counter() - t0:.0f} s", flush=True)
