@@ -64,7 +64,7 @@ def test_dry_run_fails_when_a_called_script_is_broken(tmp_path):
     assert proc.returncode != 0, proc.stdout
     assert "preflight FAILED" in proc.stdout
     assert "script benchmarks/gpu_bench.py: parses" not in proc.stdout
-    assert "MISSING" not in proc.stdout.split("script ")[-1]  # only gpu_bench.py is at fault
+    assert not [ln for ln in proc.stdout.splitlines() if "script " in ln and "MISSING" in ln]  # only gpu_bench.py
 
 
 def _gpu_bench():
