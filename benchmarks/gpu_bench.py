@@ -219,8 +219,8 @@ def bench(out_dir: Path, quick: bool = False) -> list[dict]:
         am = _pad_bias(bias, cu, max_len, dt)
         add(_row("varlen_attention", "sdpa-padded+mask", shape, "fwd",
                  _do_bench(lambda: F.scaled_dot_product_attention(qp, kp, vp, attn_mask=am)), io, flops, ceil))
-        qpg = qp.detach().requires_grad_()
-        bwd = _grad_fn(lambda: F.scaled_dot_product_attention(qpg, kp, vp, attn_mask=am), (qpg,))
+        qpg, kpg, vpg = (t.detach().requires_grad_() for t in (qp, kp, vp))
+        bwd = _grad_fn(lambda: F.scaled_dot_product_attention(qpg, kpg, vpg, attn_mask=am), (qpg, kpg, vpg))
         add(_row("varlen_attention", "sdpa-padded+mask", shape, "bwd", _do_bench(bwd), 2 * io, 2.5 * flops, ceil))
         rows[-1]["padded_flops"] = pad_flops
         try:
@@ -231,6 +231,9 @@ def bench(out_dir: Path, quick: bool = False) -> list[dict]:
             try:
                 fn = lambda: varlen_attn(q, k, v, cu, cu, max_len, max_len)  # noqa: E731
                 add(_row("varlen_attention", "torch.varlen_attn", shape, "fwd", _do_bench(fn), io, flops, ceil))
+                qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+                bwd = _grad_fn(lambda: varlen_attn(qg, kg, vg, cu, cu, max_len, max_len), (qg, kg, vg))
+                add(_row("varlen_attention", "torch.varlen_attn", shape, "bwd", _do_bench(bwd), 2 * io, 2.5 * flops, ceil))
             except Exception as exc:  # not every build has its kernel (flash/cuDNN)
                 print(f"torch.nn.attention.varlen.varlen_attn: {type(exc).__name__}: {exc}"[:300], flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -318,7 +321,7 @@ def count_syncs(out_dir: Path | None) -> bool:
             leaf(x, g), scores, keep=keep_t, num_prefix=P, backend=be).tokens, "select_tokens_varlen"),
         "varlen_attention": (lambda be, g: bk.varlen_attention(*leaf(qkv, g).unbind(1), cu, max_len, backend=be),
                              "varlen_attention"),
-        "pack": (lambda be, g: bk.pack(leaf(x, g), lengths, backend=be).packed, "pack"),
+        "pack": (lambda be, g: bk.pack(leaf(x, g), lengths.clamp(max=N), backend=be).packed, "pack"),
         "unpack": (lambda be, g: bk.unpack(leaf(xp, g), cu, max_len, backend=be), "pack"),
     }
     ok, rows = True, []
@@ -379,7 +382,7 @@ def sanitize() -> None:
                 ("varlen_attention", lambda: bk.varlen_attention(
                     *torch.randn(total, 3, H, d, device=dev, dtype=dt, requires_grad=True).unbind(1), cu, max_len,
                     key_bias=torch.randn(total, device=dev, dtype=dt), backend=be)),
-                ("pack", lambda: bk.pack(x, lengths, backend=be).packed),
+                ("pack", lambda: bk.pack(x, lengths.clamp(max=N), backend=be).packed),
             ):
                 try:
                     out = fn()

@@ -33,20 +33,19 @@ EXPECTED = {
     "varlen": {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"},
 }
 
-# Known failures at the time of writing, each the subject of issue 13's kernel work (tiling T in
-# relevance so that BLOCK_T <= 64). Keyed by (case name, cc).
-_T256 = "issue 13 defect 4: relevance keeps BLOCK_T = next_pow2(T) = 256 queries in registers (spills)"
-KNOWN_FAILURES: dict[tuple[str, int], str] = {}
+# Cases that fail at the time of writing, per triton version (minor) and target; the reason
+# quotes the figures measured then. Most are the subject of issue 13's kernel work (relevance:
+# tile T so that BLOCK_T <= 64; varlen attention: no spills). Strict: a fixed case XPASSes and
+# fails the run until its line is removed here.
+KNOWN_FAILURES: dict[tuple[str, int], dict[str, str]] = {
+    # @KNOWN_FAILURES@
+}
 
 
-def _params():
-    out = []
-    for case in check.cases():
-        for cc in CCS:
-            reason = KNOWN_FAILURES.get((case.name, cc))
-            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-            out.append(pytest.param(case.name, cc, marks=marks, id=f"{case.name}-sm{cc}"))
-    return out
+def _triton_minor() -> str:
+    from importlib.metadata import version
+
+    return ".".join(version("triton").split(".")[:2])
 
 
 @pytest.fixture(scope="module")
