@@ -261,25 +261,44 @@ def resource_usage(cubin: bytes, tmpdir: Path) -> dict:
     return {"regs": int(m[1]), "stack": int(m[2]), "local": int(m[4])}
 
 
-class CompileTimeout(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def _time_limit(seconds: int):
-    """SIGALRM after ``seconds``: raised while subprocess.run waits for ptxas, which then kills it."""
+def _compile_isolated(build: Callable[[], dict], seconds: int) -> dict:
+    """``build()`` in a forked child (own process group) killed after ``seconds``: a compile that
+    hangs in LLVM or ptxas costs at most that. Returns build's dict, or {"error": ...}."""
+    import select
     import signal
 
-    def on_alarm(signum, frame):
-        raise CompileTimeout(f"compile took more than {seconds} s (BUS_COMPILE_TIMEOUT_S)")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(seconds)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: compile, report, leave without running the parent's atexit handlers
+        os.close(r)
+        os.setpgid(0, 0)
+        try:
+            out = build()
+        except BaseException as exc:  # noqa: BLE001 - any failure is the case's result
+            out = {"error": f"{type(exc).__name__}: {str(exc)[-2000:]}"}
+        data = json.dumps(out).encode()
+        while data:
+            data = data[os.write(w, data):]
+        os._exit(0)
+    os.close(w)
+    chunks, deadline = [], time.monotonic() + seconds
     try:
-        yield
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([r], [], [], left)[0]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)  # the child and its ptxas
+                return {"error": f"CompileTimeout: compile took more than {seconds} s (BUS_COMPILE_TIMEOUT_S)"}
+            chunk = os.read(r, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
     finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+        os.close(r)
+        os.waitpid(pid, 0)
+    if not chunks:
+        return {"error": "compile process died without a result"}
+    return json.loads(b"".join(chunks))
 
 
 class Compiler:
@@ -322,17 +341,17 @@ class Compiler:
             "num_warps": options.num_warps,
             "num_stages": options.num_stages,
         }
+        tmpdir = self.tmpdir
+
+        def build() -> dict:
+            src = ASTSource(kernel, signature, constexprs, attrs)
+            compiled = triton.compile(src, target=target, options=options.__dict__)
+            out = {"shared": int(compiled.metadata.shared), "hash": compiled.hash, "error": None}
+            out.update(resource_usage(compiled.asm["cubin"], tmpdir))
+            return out
+
         t0 = time.perf_counter()
-        try:
-            with _time_limit(COMPILE_TIMEOUT_S):
-                src = ASTSource(kernel, signature, constexprs, attrs)
-                compiled = triton.compile(src, target=target, options=options.__dict__)
-            rec["shared"] = int(compiled.metadata.shared)
-            rec["hash"] = compiled.hash
-            rec.update(resource_usage(compiled.asm["cubin"], self.tmpdir))
-            rec["error"] = None
-        except Exception as exc:  # recorded per case: the test names the case and the error
-            rec["error"] = f"{type(exc).__name__}: {str(exc)[-2000:]}"
+        rec.update(_compile_isolated(build, COMPILE_TIMEOUT_S))
         rec["seconds"] = round(time.perf_counter() - t0, 2)
         self.compile_s += rec["seconds"]
         self.done[key] = rec
