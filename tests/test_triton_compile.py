@@ -53,7 +53,7 @@ def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("compile") / "results.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, str(SCRIPT), "--json", str(out), "--cc", *map(str, CCS)]
-    proc = subprocess.run(cmd, env=env, text=True, capture_output=True, timeout=1800)
+    proc = subprocess.run(cmd, env=env, text=True, capture_output=True, timeout=2700)
     if not out.exists():  # the check itself broke (not a kernel over a limit): show why
         pytest.fail(f"{' '.join(cmd)} wrote no results (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     sys.stdout.write(proc.stdout)  # the per-launch figures, shown with -s or on failure

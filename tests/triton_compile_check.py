@@ -53,7 +53,7 @@ SM_COUNT = {80: 108, 90: 132}
 CCS = (80, 90)
 # A compile (mostly ptxas) slower than this counts as a failure: such a kernel also costs the GPU
 # session its minutes at first launch, and one pathological case must not stall CI.
-COMPILE_TIMEOUT_S = int(os.environ.get("BUS_COMPILE_TIMEOUT_S", "30"))
+COMPILE_TIMEOUT_S = int(os.environ.get("BUS_COMPILE_TIMEOUT_S", "20"))
 
 # Mission shapes: ViT-B/16 at 224 px (197 tokens) and 384 px (577), batch 64, width 768, one
 # class token; text of 1 ([CLS]) to 256 tokens.
