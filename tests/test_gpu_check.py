@@ -89,3 +89,29 @@ def test_padding_helpers_match_unpack():
         n = int(lengths[b])
         assert torch.equal(m[b, :n], bias[int(cu[b]):int(cu[b]) + n])
         assert torch.isinf(m[b, n:]).all()
+
+
+def test_summary_reports_stages_syncs_ratios_and_the_e2e_pair(tmp_path, capsys):
+    """The table gpu_check.sh prints last, from made-up stage results."""
+    import json
+
+    gb = _gpu_bench()
+    (tmp_path / "stages.tsv").write_text("build\tok\t61\t\ntests\tfail:1\t130\t\n")
+    (tmp_path / "syncs.json").write_text(json.dumps([
+        {"op": "select_tokens", "backend": "triton", "fwd": 0, "bwd": 0, "budget": 0, "ok": True, "error": ""},
+        {"op": "pack", "backend": "cuda", "fwd": 2, "bwd": 0, "budget": 0, "ok": False, "error": ""}]))
+    rows = [{"op": "varlen_attention", "impl": impl, "shape": "B64 N577", "mode": "fwd", "ms": ms}
+            for impl, ms in (("triton", 1.0), ("cuda", 1.5), ("sdpa-padded", 2.0), ("torch.varlen_attn", 0.8))]
+    rows.append({"op": "select_tokens", "impl": "triton", "shape": "B64 N577", "mode": "fwd", "ms": 0.1,
+                 "GBps": 3000.0, "pct_copy": 75.0})
+    meta = {"gpu": "H200", "torch": "2.11", "triton": "3.6", "ceilings": {"copy_GBps": 4000.0, "bf16_matmul_TFLOPs": 700.0}}
+    (tmp_path / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}))
+    inter = {"baseline@224": [0.30, 0.20, 0.21, 0.19], "bus@224": [0.2, 0.16, 0.15, 0.17]}
+    (tmp_path / "e2e.json").write_text(json.dumps({"benchmarks": [{"extra_info": {"interleaved": inter}}]}))
+    gb.summary(tmp_path)
+    out = capsys.readouterr().out
+    assert "tests        fail:1" in out and "build        ok" in out
+    assert "OVER budget: pack/cuda 2+0" in out
+    assert "triton is sdpa-padded 2.00x, torch.varlen_attn 0.80x" in out  # best of ours: triton 1.0 ms
+    assert "75.0" in out
+    assert "speedup 1.24x" in out  # medians 0.21 / 0.17
