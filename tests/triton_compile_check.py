@@ -395,9 +395,12 @@ def run_check(selected: list[Case], ccs=CCS, log=print) -> dict:
         for case in selected:
             results[case.name] = {}
             for cc in ccs:
-                recs = []
-                for launch in record_case(case, cc):
-                    recs.append(compiler.compile(launch, cc))
+                try:
+                    recs = [compiler.compile(launch, cc) for launch in record_case(case, cc)]
+                except Exception as exc:  # the op itself failed on the host: this case fails, not the run
+                    recs = [{"kernel": "(recording the launches)", "cc": cc, "constexprs": {}, "ones": [],
+                             "divisible16": ["-"], "num_warps": 0, "num_stages": 0, "seconds": 0,
+                             "error": f"{type(exc).__name__}: {exc}"}]
                 results[case.name][f"sm_{cc}"] = recs
                 bad = [p for r in recs for p in problems(r)]
                 log(f"{case.name} sm_{cc}: {len(recs)} launches, {'FAIL' if bad else 'ok'}")
