@@ -377,6 +377,14 @@ def describe(rec: dict) -> str:
     return f"{rec['kernel']}[{consts}] w{rec['num_warps']}s{rec['num_stages']}: {res} ({rec['seconds']}s)"
 
 
+def _value_checks_off() -> None:
+    """As on CUDA by default: the recorded inputs are uninitialised (torch.empty: nothing runs)."""
+    import bus_kernels
+
+    if hasattr(bus_kernels, "set_value_checks"):
+        bus_kernels.set_value_checks(False)
+
+
 def run_check(selected: list[Case], ccs=CCS, log=print) -> dict:
     """{case name: {"sm_80": [launch records], ...}} for every selected case."""
     import tempfile
@@ -384,11 +392,7 @@ def run_check(selected: list[Case], ccs=CCS, log=print) -> dict:
     import torch
 
     torch.set_num_threads(1)  # host work is tiny next to the compiles; keep CI's 2nd core free
-    import bus_kernels
-
-    if hasattr(bus_kernels, "set_value_checks"):
-        # As on CUDA by default; the inputs here are uninitialised (torch.empty: nothing runs).
-        bus_kernels.set_value_checks(False)
+    _value_checks_off()
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         compiler = Compiler(Path(tmp))
@@ -422,6 +426,7 @@ def verify_runtime(selected: list[Case], log=print) -> bool:
     global _DEVICE
     major, minor = torch.cuda.get_device_capability()
     cc, dev = 10 * major + minor, torch.cuda.current_device()
+    _value_checks_off()
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         compiler = Compiler(Path(tmp))
