@@ -121,7 +121,8 @@ EOF
   stage bench 90 "$PY" benchmarks/gpu_bench.py bench --out "$OUT"
   stage e2e 50 "$PY" -m pytest benchmarks/test_bench_e2e.py -k interleaved --benchmark-only \
     --benchmark-json "$OUT/e2e.json" -q -p no:cacheprovider
-  stage compilecheck 35 "$PY" tests/triton_compile_check.py --verify-runtime --only bf16-N577-d64 select-bf16-N577
+  stage compilecheck 35 "$PY" tests/triton_compile_check.py --verify-runtime \
+    --only relevance-bf16-N577-d64-T1 relevance-bf16-N577-d64-T32 varlen-bf16-N577-d64 select-bf16-N577
   "$PY" benchmarks/gpu_bench.py summary --out "$OUT"
   echo "gpu_check: $(($(date +%s) - START)) s, preflight $([ "$PREFLIGHT" = 0 ] && echo ok || echo FAILED)"
   if ((DRY)); then exit "$PREFLIGHT"; fi

@@ -438,6 +438,9 @@ def verify_runtime(selected: list[Case], log=print) -> bool:
                 torch.manual_seed(0)
                 RUNNERS[case.op](case)
                 torch.cuda.synchronize()
+            except Exception as exc:  # e.g. a kernel that does not compile: reported, next case
+                ok = False
+                log(f"{case.name}: the workload failed on the GPU: {type(exc).__name__}: {str(exc)[:300]}")
             finally:
                 _DEVICE = "cpu"
             for kernel in {id(la.kernel): la.kernel for la in launches}.values():
