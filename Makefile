@@ -50,7 +50,8 @@ bench: build
 # device-check builds the extension against that torch (CUDA for sm_90 only, as gpu_check.sh
 # builds it, plus the CPU kernels) in a staged copy of the tree under build/device/src, so .venv
 # and bus_kernels/_C*.so are untouched, then runs there the compile check (every Triton kernel
-# at the mission shapes, sm_80 and sm_90) and the Triton interpreter tests.
+# at the mission shapes; targets from BUS_COMPILE_CCS, default 80 and 90, .ci/run: 90) and the
+# kernel tests (Triton through its interpreter, the C++ CPU kernels built against torch 2.11).
 DEVICE_PYTHON ?= $(firstword $(foreach p,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12),$(shell $(p) -c 'print("$(p)")' 2>/dev/null)) $(PYTHON))
 DEVICE_VENV ?= .venv-device
 DBIN := $(abspath $(DEVICE_VENV))/bin
