@@ -35,6 +35,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._backend import fp32_dots_allow_tf32
+
 _MAX_GRID_Y = 65535  # CUDA limit of grid dims 1 and 2; B*H is folded over both
 
 
@@ -332,8 +334,9 @@ def _bwd_config(dtype: torch.dtype, block_d: int, prec: str) -> dict:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: IEEE fp32 dots unless the user allowed TF32 in PyTorch (as torch.matmul does).
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    # fp32 inputs: IEEE fp32 dots unless the user allowed TF32 in PyTorch (as torch.matmul does),
+    # through the current fp32_precision API or the legacy allow_tf32.
+    if dtype == torch.float32 and not fp32_dots_allow_tf32():
         return "ieee"
     return "tf32"
 
