@@ -212,8 +212,10 @@ class TSPS(nn.Module):
             kept_total = torch.zeros_like(sizes[:, 0]).index_add_(0, seq, kept_sizes)
             out_sizes[torch.arange(B, device=ids.device), P + sel.keep] = sizes[:, P:].sum(dim=1) - kept_total
         state.cu_seqlens, state.max_seqlen = sel.cu_seqlens, sel.max_seqlen
-        state.patch_ids = bk.pack(out_ids, lengths).packed
-        state.sizes = bk.pack(out_sizes, lengths).packed
+        # Sizes from the selection: no device-to-host copy (no sync) in the packs.
+        sizes_kw = dict(total=sel.tokens.shape[0], max_seqlen=sel.max_seqlen)
+        state.patch_ids = bk.pack(out_ids, lengths, **sizes_kw).packed
+        state.sizes = bk.pack(out_sizes, lengths, **sizes_kw).packed
 
 
 # ----------------------------------------------------------------------------- block forward

@@ -50,7 +50,7 @@ def _fwd_kernel(
     Q, K, V, Bias, Out, Lse, CuSeqlens,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_ot, stride_oh, stride_bt, stride_bh, stride_lt, stride_lh,
-    H, BH, D, qk_scale,
+    H, BH, total, D, qk_scale,
     has_bias, is_causal,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -63,6 +63,8 @@ def _fwd_kernel(
     h = pid_bh % H
     seq_start = tl.load(CuSeqlens + b)
     seq_len = tl.load(CuSeqlens + b + 1) - seq_start
+    if (seq_start < 0) | (seq_len < 0) | (seq_start.to(tl.int64) + seq_len > total):
+        return  # malformed cu_seqlens (value checks off): never touch rows outside [0, total)
     start_m = pid_m * BLOCK_M
     if start_m >= seq_len:
         return
@@ -142,7 +144,7 @@ def _bwd_dkdv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_bt, stride_bh, stride_dot, stride_doh, stride_lt, stride_lh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    H, BH, D, scale, qk_scale,
+    H, BH, total, D, scale, qk_scale,
     has_bias, is_causal,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -155,6 +157,8 @@ def _bwd_dkdv_kernel(
     h = pid_bh % H
     seq_start = tl.load(CuSeqlens + b)
     seq_len = tl.load(CuSeqlens + b + 1) - seq_start
+    if (seq_start < 0) | (seq_len < 0) | (seq_start.to(tl.int64) + seq_len > total):
+        return  # malformed cu_seqlens (value checks off): never touch rows outside [0, total)
     start_n = pid_n * BLOCK_N
     if start_n >= seq_len:
         return
@@ -222,7 +226,7 @@ def _bwd_dq_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_bt, stride_bh, stride_dot, stride_doh, stride_lt, stride_lh,
     stride_dqt, stride_dqh,
-    H, BH, D, scale, qk_scale,
+    H, BH, total, D, scale, qk_scale,
     has_bias, is_causal,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -235,6 +239,8 @@ def _bwd_dq_kernel(
     h = pid_bh % H
     seq_start = tl.load(CuSeqlens + b)
     seq_len = tl.load(CuSeqlens + b + 1) - seq_start
+    if (seq_start < 0) | (seq_len < 0) | (seq_start.to(tl.int64) + seq_len > total):
+        return  # malformed cu_seqlens (value checks off): never touch rows outside [0, total)
     start_m = pid_m * BLOCK_M
     if start_m >= seq_len:
         return
@@ -391,7 +397,7 @@ def varlen_attention_forward(
         q, k, v, bias, out, lse, cu,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), sbt, sbh, lse.stride(0), lse.stride(1),
-        H, B * H, D, scale * _LOG2E,
+        H, B * H, total, D, scale * _LOG2E,
         int(key_bias is not None), int(causal),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d,
         UPCAST=_interpret(), DOT_PREC=prec,
@@ -453,12 +459,12 @@ def varlen_attention_backward(
     _bwd_dkdv_kernel[_bh_grid(triton.cdiv(max_seqlen, cfg["BLOCK_N"]), B * H)](
         q, k, v, bias, grad, lse, delta, dk, dv, q if dbias is None else dbias, cu,
         *strides_in, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        H, B * H, D, scale, scale * _LOG2E, *flags, **common,
+        H, B * H, total, D, scale, scale * _LOG2E, *flags, **common,
     )
     _bwd_dq_kernel[_bh_grid(triton.cdiv(max_seqlen, cfg["BLOCK_M"]), B * H)](
         q, k, v, bias, grad, lse, delta, dq, cu,
         *strides_in, dq.stride(0), dq.stride(1),
-        H, B * H, D, scale, scale * _LOG2E, *flags, **common,
+        H, B * H, total, D, scale, scale * _LOG2E, *flags, **common,
     )
     if dbias is not None:
         dbias = (dbias if key_bias.dim() == 2 else dbias.sum(dim=1)).to(key_bias.dtype)
@@ -512,7 +518,7 @@ def compile_cases() -> Iterator[tuple]:
 
 
 def _int_args(kernel) -> list[str]:
-    return [n for n in kernel.arg_names if n.startswith("stride_") or n in ("H", "BH", "D", "has_bias", "is_causal")]
+    return [n for n in kernel.arg_names if n.startswith("stride_") or n in ("H", "BH", "total", "D", "has_bias", "is_causal")]
 
 
 def _case(kernel, ptrs: dict, scalars: dict, constexprs: dict, options: dict) -> tuple:
