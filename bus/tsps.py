@@ -130,7 +130,8 @@ class TSPS(nn.Module):
         B, N, D = x.shape
         n = N - P
         qg, q_mask = self._queries(attn, norm1, state, q)
-        scores = bk.relevance_scores(qg, k[:, :, P:].contiguous(), scale=attn.scale, q_mask=q_mask)
+        # k[:, :, P:] is a strided view of the qkv projection; the Triton kernels read it in place.
+        scores = bk.relevance_scores(qg, k[:, :, P:], scale=attn.scale, q_mask=q_mask)
         ids = state.patch_ids if state.patch_ids is not None else self._initial_ids(B, N, P, x.device)
         sizes = state.sizes if state.sizes is not None else torch.ones(B, N, device=x.device)
         self._record(x[:, P:], scores, ids[:, P:], state)

@@ -145,3 +145,23 @@ sys.exit(1 if bad else 0)
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, "-c", script], env=env, text=True, capture_output=True, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+
+
+def test_strided_queries_and_keys_are_read_in_place(fused):
+    """k[:, :, P:] of a fused qkv projection and transposed text queries (views with arbitrary
+    batch/head/row strides, last dim contiguous): same results as contiguous copies."""
+    device = require_backend(fused, IMPLEMENTED)
+    g = torch.Generator().manual_seed(11)
+    B, H, T, N, d, P = 2, 3, 5, 40, 16, 1
+    qkv = torch.randn(B, N + P, 3, H, d, generator=g).to(device)
+    k = qkv.permute(2, 0, 3, 1, 4)[1][:, :, P:].requires_grad_()  # [B, H, N, d], strided
+    text = torch.randn(B, T, H, d, generator=g).to(device)
+    q = text.transpose(1, 2).requires_grad_()  # [B, H, T, d], strided
+    assert not k.is_contiguous() and not q.is_contiguous()
+    s = bk.relevance_scores(q, k, backend=fused)
+    qc, kc = (t.detach().contiguous().requires_grad_() for t in (q, k))
+    s_ref = bk.relevance_scores(qc, kc, backend="torch")
+    torch.testing.assert_close(s, s_ref, **TOL[torch.float32])
+    gs = torch.randn(B, N, generator=g).to(device)
+    for a, b in zip(torch.autograd.grad(s, (q, k), gs), torch.autograd.grad(s_ref, (qc, kc), gs)):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])

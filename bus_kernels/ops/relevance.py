@@ -23,6 +23,8 @@ def _forward_impl(q, k, scale, q_mask, backend):
 
 
 def _backward_impl(grad, q, k, lse, scale, q_mask, backend):
+    """(dq, dk), contiguous whatever the strides of q and k (the Triton kernels read strided
+    views such as ``k[:, :, P:]`` of a fused qkv projection in place)."""
     if backend == "triton":
         from ..triton.relevance import relevance_scores_backward
 
@@ -31,7 +33,8 @@ def _backward_impl(grad, q, k, lse, scale, q_mask, backend):
         return tuple(
             _ext.ops().relevance_scores_backward(grad, q.contiguous(), k.contiguous(), lse, scale, q_mask)
         )
-    return reference.relevance_scores_backward(grad, q, k, scale, q_mask)
+    dq, dk = reference.relevance_scores_backward(grad, q, k, scale, q_mask)
+    return dq.contiguous(), dk.contiguous()
 
 
 def _out_dtype(q: Tensor) -> torch.dtype:
@@ -64,7 +67,7 @@ def _relevance_backward_op(
 
 @_relevance_backward_op.register_fake
 def _(grad, q, k, lse, scale, q_mask, backend):
-    return torch.empty_like(q), torch.empty_like(k)
+    return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
 def _setup(ctx, inputs, output):

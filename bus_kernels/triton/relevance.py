@@ -44,25 +44,34 @@ _MAX_TILE_TD = 64 * 128  # BLOCK_T * BLOCK_D: d = 256 takes 32 queries a tile
 
 
 @triton.jit
-def _load_tile(ptr, base, r0, R, d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr):
-    """Rows r0 .. r0 + BLOCK_R of a [R, d] matrix at ``ptr + base`` (base int64), zeros outside."""
+def _load_tile(ptr, base, stride_r, r0, R, d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr):
+    """Rows r0 .. r0 + BLOCK_R of a [R, d] matrix at ``ptr + base`` (base int64; rows
+    ``stride_r`` apart, the last dim contiguous), zeros outside."""
     r = r0 + tl.arange(0, BLOCK_R)
     dd = tl.arange(0, BLOCK_D)
-    x = tl.load(ptr + base + r[:, None] * d + dd[None, :], mask=(r[:, None] < R) & (dd[None, :] < d), other=0.0)
+    x = tl.load(ptr + base + r[:, None] * stride_r + dd[None, :], mask=(r[:, None] < R) & (dd[None, :] < d), other=0.0)
     if F32:
         x = x.to(tl.float32)
     return x
 
 
 @triton.jit
-def _logits(q, k_ptr, k_base, n0, N, d, scale_log2, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+def _logits(q, k_ptr, k_base, stride_kn, n0, N, d, scale_log2, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
             F32: tl.constexpr, PRECISION: tl.constexpr):
     """Base-2 logits [BLOCK_T, BLOCK_N] of one key tile (-inf past N), the tile and its rows."""
-    k = _load_tile(k_ptr, k_base, n0, N, d, BLOCK_N, BLOCK_D, F32)
+    k = _load_tile(k_ptr, k_base, stride_kn, n0, N, d, BLOCK_N, BLOCK_D, F32)
     n = n0 + tl.arange(0, BLOCK_N)
     x = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
     x = tl.where((n < N)[None, :], x, float("-inf"))
     return x, k, n
+
+
+@triton.jit
+def _bases(pid, H, stride_qb, stride_qh, stride_kb, stride_kh):
+    """int64 offsets of q[b, h] and k[b, h] for pid = b * H + h (q and k may be strided views)."""
+    b = pid // H
+    h = pid % H
+    return b * stride_qb + h * stride_qh, b * stride_kb + h * stride_kh
 
 
 @triton.jit
@@ -76,7 +85,8 @@ def _dot_operand(pg, IN_DTYPE: tl.constexpr, F32: tl.constexpr):
 
 @triton.jit
 def _relevance_fwd_kernel(
-    q_ptr, k_ptr, w_ptr, part_ptr, lse_ptr, H, T, N, d, scale_log2,
+    q_ptr, k_ptr, w_ptr, part_ptr, lse_ptr, H, T, N, d,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kn, scale_log2,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -84,14 +94,14 @@ def _relevance_fwd_kernel(
     tile = tl.program_id(1)
     b = pid // H
     t0 = tile * BLOCK_T
-    q = _load_tile(q_ptr, pid * T * d, t0, T, d, BLOCK_T, BLOCK_D, F32)
+    q_base, k_base = _bases(pid, H, stride_qb, stride_qh, stride_kb, stride_kh)
+    q = _load_tile(q_ptr, q_base, stride_qt, t0, T, d, BLOCK_T, BLOCK_D, F32)
     t = t0 + tl.arange(0, BLOCK_T)
     w = tl.load(w_ptr + b * T + t, mask=t < T, other=0.0)
-    k_base = pid * N * d
     m = tl.full([BLOCK_T], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_T], tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        x, _, _ = _logits(q, k_ptr, k_base, n0, N, d, scale_log2, BLOCK_N, BLOCK_D, F32, PRECISION)
+        x, _, _ = _logits(q, k_ptr, k_base, stride_kn, n0, N, d, scale_log2, BLOCK_N, BLOCK_D, F32, PRECISION)
         m_new = tl.maximum(m, tl.max(x, axis=1))
         l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(x - m_new[:, None]), axis=1)
         m = m_new
@@ -99,7 +109,7 @@ def _relevance_fwd_kernel(
     tl.store(lse_ptr + pid * T + t, lse2 * 0.6931471805599453, mask=t < T)
     part_row = (pid * tl.num_programs(1) + tile) * N
     for n0 in range(0, N, BLOCK_N):
-        x, _, n = _logits(q, k_ptr, k_base, n0, N, d, scale_log2, BLOCK_N, BLOCK_D, F32, PRECISION)
+        x, _, n = _logits(q, k_ptr, k_base, stride_kn, n0, N, d, scale_log2, BLOCK_N, BLOCK_D, F32, PRECISION)
         p = tl.exp2(x - lse2[:, None])
         tl.store(part_ptr + part_row + n, tl.sum(p * w[:, None], axis=0), mask=n < N)
 
@@ -107,26 +117,26 @@ def _relevance_fwd_kernel(
 @triton.jit
 def _relevance_bwd_kernel(
     q_ptr, k_ptr, w_ptr, c_ptr, gs_ptr, lse_ptr, g_ptr, r_ptr, dq_ptr, dk_ptr,
-    H, T, N, d, scale_log2, scale,
+    H, T, N, d, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kn, scale_log2, scale,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     F32: tl.constexpr, PRECISION: tl.constexpr, WRITE_DK: tl.constexpr,
 ):
     """r and dq of one query tile; dk too when the tile holds every query (WRITE_DK), else r is
-    stored for ``_relevance_bwd_dk_kernel``."""
+    stored for ``_relevance_bwd_dk_kernel``. dq and dk are contiguous."""
     pid = tl.program_id(0).to(tl.int64)
     t0 = tl.program_id(1) * BLOCK_T
     b = pid // H
-    q = _load_tile(q_ptr, pid * T * d, t0, T, d, BLOCK_T, BLOCK_D, F32)
+    q_base, k_base = _bases(pid, H, stride_qb, stride_qh, stride_kb, stride_kh)
+    q = _load_tile(q_ptr, q_base, stride_qt, t0, T, d, BLOCK_T, BLOCK_D, F32)
     t = t0 + tl.arange(0, BLOCK_T)
     t_valid = t < T
     active = tl.load(w_ptr + b * T + t, mask=t_valid, other=0.0) != 0.0  # real text tokens
     lse2 = tl.load(lse_ptr + pid * T + t, mask=t_valid, other=0.0) * 1.4426950408889634
     gs = tl.load(gs_ptr + b)
     inv_gs = 1.0 / gs  # a power of two: exact
-    k_base = pid * N * d
     r = tl.zeros([BLOCK_T], tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        x, _, n = _logits(q, k_ptr, k_base, n0, N, d, scale_log2, BLOCK_N, BLOCK_D, F32, PRECISION)
+        x, _, n = _logits(q, k_ptr, k_base, stride_kn, n0, N, d, scale_log2, BLOCK_N, BLOCK_D, F32, PRECISION)
         g = tl.load(g_ptr + b * N + n, mask=n < N, other=0.0)
         r += tl.sum(tl.exp2(x - lse2[:, None]) * g[None, :], axis=1)
     if not WRITE_DK:
@@ -135,14 +145,14 @@ def _relevance_bwd_kernel(
     dq = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
     dd = tl.arange(0, BLOCK_D)
     for n0 in range(0, N, BLOCK_N):
-        x, k, n = _logits(q, k_ptr, k_base, n0, N, d, scale_log2, BLOCK_N, BLOCK_D, F32, PRECISION)
+        x, k, n = _logits(q, k_ptr, k_base, stride_kn, n0, N, d, scale_log2, BLOCK_N, BLOCK_D, F32, PRECISION)
         g = tl.load(g_ptr + b * N + n, mask=n < N, other=0.0)
         pg = tl.exp2(x - lse2[:, None]) * ((g[None, :] - r[:, None]) * inv_gs)
         pg = _dot_operand(tl.where(active[:, None], pg, 0.0), q_ptr.dtype.element_ty, F32)
         dq += tl.dot(pg, k, input_precision=PRECISION)
         if WRITE_DK:
             dk = tl.dot(tl.trans(pg), q, input_precision=PRECISION) * coef
-            tl.store(dk_ptr + k_base + n[:, None] * d + dd[None, :], dk.to(dk_ptr.dtype.element_ty),
+            tl.store(dk_ptr + pid * N * d + n[:, None] * d + dd[None, :], dk.to(dk_ptr.dtype.element_ty),
                      mask=(n[:, None] < N) & (dd[None, :] < d))
     dq = dq * coef
     tl.store(dq_ptr + pid * T * d + t[:, None] * d + dd[None, :], dq.to(dq_ptr.dtype.element_ty),
@@ -152,7 +162,7 @@ def _relevance_bwd_kernel(
 @triton.jit
 def _relevance_bwd_dk_kernel(
     q_ptr, k_ptr, w_ptr, c_ptr, gs_ptr, lse_ptr, g_ptr, r_ptr, dk_ptr,
-    H, T, N, d, scale_log2, scale,
+    H, T, N, d, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kn, scale_log2, scale,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -160,8 +170,8 @@ def _relevance_bwd_dk_kernel(
     pid = tl.program_id(0).to(tl.int64)
     n0 = tl.program_id(1) * BLOCK_N
     b = pid // H
-    k_base = pid * N * d
-    k = _load_tile(k_ptr, k_base, n0, N, d, BLOCK_N, BLOCK_D, F32)
+    q_base, k_base = _bases(pid, H, stride_qb, stride_qh, stride_kb, stride_kh)
+    k = _load_tile(k_ptr, k_base, stride_kn, n0, N, d, BLOCK_N, BLOCK_D, F32)
     n = n0 + tl.arange(0, BLOCK_N)
     n_valid = n < N
     g = tl.load(g_ptr + b * N + n, mask=n_valid, other=0.0)
@@ -169,7 +179,7 @@ def _relevance_bwd_dk_kernel(
     inv_gs = 1.0 / gs
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for t0 in range(0, T, BLOCK_T):
-        q = _load_tile(q_ptr, pid * T * d, t0, T, d, BLOCK_T, BLOCK_D, F32)
+        q = _load_tile(q_ptr, q_base, stride_qt, t0, T, d, BLOCK_T, BLOCK_D, F32)
         t = t0 + tl.arange(0, BLOCK_T)
         t_valid = t < T
         active = tl.load(w_ptr + b * T + t, mask=t_valid, other=0.0) != 0.0
@@ -182,7 +192,7 @@ def _relevance_bwd_dk_kernel(
         dk += tl.dot(tl.trans(pg), q, input_precision=PRECISION)
     dk = dk * (tl.load(c_ptr + b) * scale * gs)
     dd = tl.arange(0, BLOCK_D)
-    tl.store(dk_ptr + k_base + n[:, None] * d + dd[None, :], dk.to(dk_ptr.dtype.element_ty),
+    tl.store(dk_ptr + pid * N * d + n[:, None] * d + dd[None, :], dk.to(dk_ptr.dtype.element_ty),
              mask=n_valid[:, None] & (dd[None, :] < d))
 
 
@@ -222,9 +232,18 @@ def _grad_scale(grad: torch.Tensor) -> torch.Tensor:
     return torch.exp2(torch.ceil(torch.log2(gmax)))
 
 
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    # Strided views (e.g. k[:, :, P:] of a fused qkv projection) are read in place: no copy.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides(q: torch.Tensor, k: torch.Tensor) -> tuple:
+    return (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
+
+
 def relevance_scores_forward(q, k, scale, q_mask):
-    """q [B,H,T,d], k [B,H,N,d] -> (scores fp32 [B,N], lse fp32 [B,H,T])."""
-    q, k = q.contiguous(), k.contiguous()
+    """q [B,H,T,d], k [B,H,N,d] (any strides) -> (scores fp32 [B,N], lse fp32 [B,H,T])."""
+    q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
     B, H, T, d = q.shape
     N = k.shape[2]
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
@@ -234,18 +253,19 @@ def relevance_scores_forward(q, k, scale, q_mask):
     tiles = triton.cdiv(T, cfg["BLOCK_T"])
     part = torch.empty((B, H * tiles, N), dtype=torch.float32, device=q.device)
     _relevance_fwd_kernel[(B * H, tiles)](
-        q, k, _weights(q, q_mask), part, lse, H, T, N, d, scale * _LOG2E,
+        q, k, _weights(q, q_mask), part, lse, H, T, N, d, *_strides(q, k), scale * _LOG2E,
         F32=_interpret(), PRECISION=_precision(q.dtype), **cfg,
     )
     return part.sum(dim=1), lse
 
 
 def relevance_scores_backward(grad, q, k, lse, scale, q_mask):
-    """Gradients (dq [B,H,T,d], dk [B,H,N,d]) in q's and k's dtypes."""
-    q, k = q.contiguous(), k.contiguous()
+    """Gradients (dq [B,H,T,d], dk [B,H,N,d], contiguous) in q's and k's dtypes."""
+    q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
     B, H, T, d = q.shape
     N = k.shape[2]
-    dq, dk = torch.empty_like(q), torch.empty_like(k)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if B * H == 0 or N == 0:
         return dq.zero_(), dk.zero_()
     cfg = _config(T, d)
@@ -258,11 +278,11 @@ def relevance_scores_backward(grad, q, k, lse, scale, q_mask):
     common = dict(F32=_interpret(), PRECISION=_precision(q.dtype), **cfg)
     args = (q, k, w, c, gs, lse.contiguous(), grad, r)
     _relevance_bwd_kernel[(B * H, tiles)](
-        *args, dq, dk, H, T, N, d, scale * _LOG2E, scale, WRITE_DK=tiles == 1, **common
+        *args, dq, dk, H, T, N, d, *_strides(q, k), scale * _LOG2E, scale, WRITE_DK=tiles == 1, **common
     )
     if tiles > 1:
         _relevance_bwd_dk_kernel[(B * H, triton.cdiv(N, cfg["BLOCK_N"]))](
-            *args, dk, H, T, N, d, scale * _LOG2E, scale, **common
+            *args, dk, H, T, N, d, *_strides(q, k), scale * _LOG2E, scale, **common
         )
     return dq, dk
 
@@ -277,12 +297,13 @@ def compile_cases():
             opts = {"num_warps": cfg.pop("num_warps")}
             consts = dict(cfg, F32=False, PRECISION=precision)
             fwd_sig = {"q_ptr": f"*{name}", "k_ptr": f"*{name}", "w_ptr": "*fp32", "part_ptr": "*fp32",
-                       "lse_ptr": "*fp32", "H": "i32", "T": "i32", "N": "i32", "d": "i32", "scale_log2": "fp32"}
+                       "lse_ptr": "*fp32", "H": "i32", "T": "i32", "N": "i32", "d": "i32",
+                       "stride_qb": "i32", "stride_qh": "i32", "stride_qt": "i32", "stride_kb": "i32", "stride_kh": "i32", "stride_kn": "i32", "scale_log2": "fp32"}
             yield _relevance_fwd_kernel, fwd_sig, consts, opts
             bwd_sig = {"q_ptr": f"*{name}", "k_ptr": f"*{name}", "w_ptr": "*fp32", "c_ptr": "*fp32",
                        "gs_ptr": "*fp32", "lse_ptr": "*fp32", "g_ptr": "*fp32", "r_ptr": "*fp32",
                        "dq_ptr": f"*{name}", "dk_ptr": f"*{name}", "H": "i32", "T": "i32", "N": "i32",
-                       "d": "i32", "scale_log2": "fp32", "scale": "fp32"}
+                       "d": "i32", "stride_qb": "i32", "stride_qh": "i32", "stride_qt": "i32", "stride_kb": "i32", "stride_kh": "i32", "stride_kn": "i32", "scale_log2": "fp32", "scale": "fp32"}
             single = T <= cfg["BLOCK_T"]
             yield _relevance_bwd_kernel, bwd_sig, dict(consts, WRITE_DK=single), opts
             if not single:

@@ -19,7 +19,8 @@ Forward (2 launches; +1 for ``order="score"``, +1 when the fuse reduction is spl
      the slow-to-compile sort exists once per BLOCK_N, not once per scores dtype).
   2. ``_select_gather_kernel``, grid ``(B, D tiles, splits)``: streams the row's tokens once:
      prefix rows and kept rows are copied to their slots, dropped rows are accumulated into
-     the fused token in fp32 (dropped rows are not even read when ``fuse="none"``). x is read
+     a [BLOCK_T, BLOCK_D] fp32 tile reduced to the fused token once after the loop (dropped rows
+     are not even read when ``fuse="none"``, a compile-time ``HAS_FUSE``). x is read
      exactly once in total. With one split the fused row is written directly; with several
      (few rows and D tiles for the GPU), fp32 partials go to a workspace and
   3. ``_select_fuse_finish_kernel``, grid ``(B, D tiles)``, sums them in a fixed order
@@ -185,7 +186,7 @@ def _select_gather_kernel(
     num_prefix,
     tokens_per_split,
     splits,
-    has_fuse,
+    HAS_FUSE: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -210,16 +211,20 @@ def _select_gather_kernel(
         v = tl.load(x_row + t.to(tl.int64)[:, None] * D + offs_d[None, :], mask=m)
         tl.store(out_ptr + (base + t).to(tl.int64)[:, None] * D + offs_d[None, :], v, mask=m)
 
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    # [BLOCK_T, BLOCK_D] fp32 accumulator reduced once after the loop: a tl.sum per iteration
+    # puts a cross-warp reduction (barriers) between consecutive tiles' loads and serialises them.
+    acc2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     j_start = sp * tokens_per_split
     j_end = tl.minimum(j_start + tokens_per_split, n)
     for j0 in range(j_start, j_end, BLOCK_T):
         j = j0 + t_offs
         jm = j < j_end
         slot = tl.load(slot_ptr + b.to(tl.int64) * n + j, mask=jm, other=-1)
-        c = tl.load(coef_ptr + b.to(tl.int64) * n + j, mask=jm, other=0.0)
         kept = jm & (slot >= 0)
-        read = jm & ((slot >= 0) | (has_fuse != 0))  # dropped rows are not read without a fuse
+        if HAS_FUSE:
+            read = jm
+        else:
+            read = kept  # dropped rows are not read without a fuse
         v = tl.load(
             x_row + (num_prefix + j).to(tl.int64)[:, None] * D + offs_d[None, :],
             mask=read[:, None] & dmask[None, :],
@@ -227,9 +232,12 @@ def _select_gather_kernel(
         )
         dst = (base + num_prefix + slot).to(tl.int64)
         tl.store(out_ptr + dst[:, None] * D + offs_d[None, :], v, mask=kept[:, None] & dmask[None, :])
-        acc += tl.sum(v.to(tl.float32) * c[:, None], axis=0)
+        if HAS_FUSE:
+            c = tl.load(coef_ptr + b.to(tl.int64) * n + j, mask=jm, other=0.0)
+            acc2 += v.to(tl.float32) * c[:, None]
 
-    if has_fuse != 0:
+    if HAS_FUSE:
+        acc = tl.sum(acc2, axis=0)
         if splits == 1:
             div = tl.load(div_ptr + b)
             fused = tl.where(div != 0.0, tl.math.div_rn(acc, tl.where(div != 0.0, div, 1.0)), 0.0)
@@ -463,8 +471,8 @@ def _forward(x, scores, out, indices, k, keep, cu_seqlens, num_prefix, fuse, ord
     splits = max(triton.cdiv(n, tokens_per_split), 1)
     part = torch.empty((B, splits, D), dtype=torch.float32, device=dev) if splits > 1 else coef
     _select_gather_kernel[(B, d_tiles, splits)](
-        x, out, slot, coef, div, meta, part, N, D, num_prefix, tokens_per_split, splits, has_fuse,
-        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps,
+        x, out, slot, coef, div, meta, part, N, D, num_prefix, tokens_per_split, splits,
+        HAS_FUSE=bool(has_fuse), BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps,
     )  # fmt: skip
     if has_fuse and splits > 1:
         _select_fuse_finish_kernel[(B, d_tiles)](
@@ -598,8 +606,10 @@ def compile_cases():
                 x_ptr=f"*{dt}", out_ptr=f"*{dt}", slot_ptr="*i32", coef_ptr="*fp32", div_ptr="*fp32",
                 meta_ptr="*i32", part_ptr="*fp32",
             )  # fmt: skip
+            for has_fuse in (True, False):
+                cx = dict(HAS_FUSE=has_fuse, BLOCK_T=block_t, BLOCK_D=block_d)
+                yield _select_gather_kernel, _signature(_select_gather_kernel, types, cx), cx, opts
             cx = dict(BLOCK_T=block_t, BLOCK_D=block_d)
-            yield _select_gather_kernel, _signature(_select_gather_kernel, types, cx), cx, opts
             types = dict(out_ptr=f"*{dt}", part_ptr="*fp32", div_ptr="*fp32", meta_ptr="*i32")
             cx = dict(BLOCK_D=block_d)
             yield _select_fuse_finish_kernel, _signature(_select_fuse_finish_kernel, types, cx), cx, opts
