@@ -609,7 +609,6 @@ def compile_cases():
             for has_fuse in (True, False):
                 cx = dict(HAS_FUSE=has_fuse, BLOCK_T=block_t, BLOCK_D=block_d)
                 yield _select_gather_kernel, _signature(_select_gather_kernel, types, cx), cx, opts
-            cx = dict(BLOCK_T=block_t, BLOCK_D=block_d)
             types = dict(out_ptr=f"*{dt}", part_ptr="*fp32", div_ptr="*fp32", meta_ptr="*i32")
             cx = dict(BLOCK_D=block_d)
             yield _select_fuse_finish_kernel, _signature(_select_fuse_finish_kernel, types, cx), cx, opts
