@@ -211,7 +211,10 @@ def select_tokens_varlen(
             sizes = [0, 0]
         else:  # one device-to-host copy for both sizes
             sizes = torch.stack([cu_seqlens[-1].to(torch.int64), lengths.max()]).tolist()
-        total = sizes[0] if total is None else total
+        if total is not None and total != sizes[0]:  # read anyway: checked for free
+            raise ValueError(f"{op}: total={total} must be the number of packed rows, "
+                             f"sum(num_prefix + keep[b] + fused) = {sizes[0]}")
+        total = sizes[0]
         longest = sizes[1]
         if max_seqlen is None:
             max_seqlen = longest
