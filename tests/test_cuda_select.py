@@ -374,8 +374,8 @@ def test_hot_path_makes_no_host_sync_on_the_gpu(dev, backend):
     torch.cuda.set_sync_debug_mode("error")
     try:
         s = bk.relevance_scores(q, k, q_mask=mask, backend=backend)
-        tok = bk.select_tokens(x, s[:, 1:], 9, backend=backend).tokens
-        var = bk.select_tokens_varlen(x, s[:, 1:], keep=keep, total=total, max_seqlen=longest, backend=backend)
+        tok = bk.select_tokens(x, s, 9, backend=backend).tokens  # x: [CLS] + the 50 scored keys
+        var = bk.select_tokens_varlen(x, s, keep=keep, total=total, max_seqlen=longest, backend=backend)
         loss = tok.float().square().sum() + var.tokens.float().square().sum()
         if backend == "triton":
             loss = loss + bk.varlen_attention(qa, qa, qa, cu, 9, backend=backend).float().square().sum()
