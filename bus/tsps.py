@@ -130,7 +130,8 @@ class TSPS(nn.Module):
         B, N, D = x.shape
         n = N - P
         qg, q_mask = self._queries(attn, norm1, state, q)
-        scores = bk.relevance_scores(qg, k[:, :, P:].contiguous(), scale=attn.scale, q_mask=q_mask)
+        # k[:, :, P:] is a strided view of the qkv projection; the Triton kernels read it in place.
+        scores = bk.relevance_scores(qg, k[:, :, P:], scale=attn.scale, q_mask=q_mask)
         ids = state.patch_ids if state.patch_ids is not None else self._initial_ids(B, N, P, x.device)
         sizes = state.sizes if state.sizes is not None else torch.ones(B, N, device=x.device)
         self._record(x[:, P:], scores, ids[:, P:], state)
@@ -212,8 +213,10 @@ class TSPS(nn.Module):
             kept_total = torch.zeros_like(sizes[:, 0]).index_add_(0, seq, kept_sizes)
             out_sizes[torch.arange(B, device=ids.device), P + sel.keep] = sizes[:, P:].sum(dim=1) - kept_total
         state.cu_seqlens, state.max_seqlen = sel.cu_seqlens, sel.max_seqlen
-        state.patch_ids = bk.pack(out_ids, lengths).packed
-        state.sizes = bk.pack(out_sizes, lengths).packed
+        # Sizes from the selection: no device-to-host copy (no sync) in the packs.
+        sizes_kw = dict(total=sel.tokens.shape[0], max_seqlen=sel.max_seqlen)
+        state.patch_ids = bk.pack(out_ids, lengths, **sizes_kw).packed
+        state.sizes = bk.pack(out_sizes, lengths, **sizes_kw).packed
 
 
 # ----------------------------------------------------------------------------- block forward

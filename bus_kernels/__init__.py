@@ -10,8 +10,10 @@ Public API (see README.md for shapes and semantics)::
                      backend=None) -> Tensor [total, H, d]
     pack(x, lengths) -> Packed(packed, cu_seqlens, max_seqlen);  unpack(packed, cu_seqlens, max_seqlen)
     available_backends(), set_backend(name), get_backend(), __version__
+    set_value_checks(on), value_checks_enabled(device)   # checks that read tensor values (syncs)
 """
 from ._backend import available_backends, get_backend, set_backend
+from .ops._common import _sync_extension_flag, set_value_checks, value_checks_enabled
 from .ops import (
     Packed,
     Selection,
@@ -26,6 +28,8 @@ from .ops import (
 
 __version__ = "0.1.0"
 
+_sync_extension_flag()  # the CUDA wrappers' copy of the value-check switch ($BUS_KERNELS_VALUE_CHECKS)
+
 __all__ = [
     "Packed",
     "Selection",
@@ -33,6 +37,8 @@ __all__ = [
     "available_backends",
     "get_backend",
     "set_backend",
+    "set_value_checks",
+    "value_checks_enabled",
     "pack",
     "unpack",
     "relevance_scores",

@@ -131,3 +131,23 @@ def _runs_on(name: str, device: torch.device) -> bool:
         return device.type == "cuda"
     # triton: real GPUs, or CPU tensors through the interpreter (tests only).
     return device.type == "cuda" or (device.type == "cpu" and _interpret())
+
+
+def fp32_dots_allow_tf32() -> bool:
+    """Whether fp32 dots may use TF32, as PyTorch's own fp32 matmuls would now.
+
+    Reads the current API first (``torch.backends.cuda.matmul.fp32_precision``, which reports
+    ``"none"`` when it inherits ``torch.backends.fp32_precision``): once either is set, reading
+    the legacy ``allow_tf32`` raises a RuntimeError about mixing the two APIs. Torch versions
+    without ``fp32_precision`` fall back to ``allow_tf32``.
+    """
+    matmul = torch.backends.cuda.matmul
+    for prec in (getattr(matmul, "fp32_precision", None), getattr(torch.backends, "fp32_precision", None)):
+        if prec == "tf32":
+            return True
+        if prec == "ieee":
+            return False
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:  # mixed legacy/new settings that the reads above did not resolve
+        return False

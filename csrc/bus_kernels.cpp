@@ -10,7 +10,24 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
   return PyModule_Create(&module);
 }
 
+#include <atomic>
+
+#include "common.h"
+
+namespace bus_kernels {
+namespace {
+std::atomic<bool> g_cuda_value_checks{false};
+void set_value_checks(bool on) { g_cuda_value_checks.store(on); }
+bool get_value_checks() { return g_cuda_value_checks.load(); }
+}  // namespace
+bool cuda_value_checks() { return g_cuda_value_checks.load(); }
+}  // namespace bus_kernels
+
 TORCH_LIBRARY(bus_kernels_C, m) {
+  // Value checks of the CUDA wrappers (keep / cu_seqlens read on the host: one sync each).
+  m.def("set_value_checks(bool on) -> ()", &bus_kernels::set_value_checks);
+  m.def("value_checks() -> bool", &bus_kernels::get_value_checks);
+
   // x [B, L, ...] -> [total, ...]: row cu_seqlens[b] + i is x[b, i].
   m.def("pack(Tensor x, Tensor cu_seqlens, int total) -> Tensor");
   // packed [total, ...] -> zero-padded [B, max_seqlen, ...].

@@ -12,6 +12,12 @@ inline int64_t row_bytes(const at::Tensor& t, int64_t lead) {
   return n;
 }
 
+// Whether the CUDA wrappers run the checks that read tensor values on the host (a device sync
+// each). Off by default; bus_kernels.set_value_checks() / $BUS_KERNELS_VALUE_CHECKS switch it
+// through torch.ops.bus_kernels_C.set_value_checks. The CPU kernels always check (no sync on CPU).
+// Defined in bus_kernels.cpp.
+bool cuda_value_checks();
+
 inline void check_cu_seqlens_meta(const char* op, const at::Tensor& cu, const at::Tensor& data) {
   TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 1, op, ": cu_seqlens must be 1-D [B+1], got ", cu.sizes());
   TORCH_CHECK(cu.scalar_type() == at::kInt, op, ": cu_seqlens must be int32, got ", cu.scalar_type());

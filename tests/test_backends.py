@@ -12,6 +12,7 @@ import torch
 
 import bus_kernels as bk
 from bus_kernels import _backend, _ext
+from conftest import device_for, require_backend
 
 x, s = torch.randn(2, 9, 4), torch.randn(2, 8)
 
@@ -124,3 +125,33 @@ def test_cuda_pack_unpack_matches_reference():
     assert torch.equal(bk.unpack(a.packed, a.cu_seqlens, 40, backend="cuda"), bk.unpack(a.packed, a.cu_seqlens, 40, backend="torch"))
     odd = torch.randn(4, 9, 3, device=dev, dtype=torch.float16)  # 6-byte rows: 2-byte words path
     assert torch.equal(bk.pack(odd, [1, 9, 0, 4], backend="cuda").packed, bk.pack(odd, [1, 9, 0, 4], backend="torch").packed)
+
+
+@pytest.mark.parametrize("api", ["matmul", "global"])
+def test_fp32_ops_run_when_tf32_is_set_through_the_current_api(api):
+    """torch.backends.cuda.matmul.fp32_precision = "tf32" (or torch.backends.fp32_precision) made
+    every read of the legacy allow_tf32 raise, so fp32 Triton ops raised a RuntimeError."""
+    require_backend("triton")
+    import bus_kernels as bk
+
+    owner = torch.backends.cuda.matmul if api == "matmul" else torch.backends
+    if not hasattr(owner, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    before = (torch.backends.cuda.matmul.fp32_precision, getattr(torch.backends, "fp32_precision", None))
+    owner.fp32_precision = "tf32"
+    try:
+        assert bk._backend.fp32_dots_allow_tf32()
+        g = torch.Generator().manual_seed(0)
+        dev = device_for("triton")
+        q, k = torch.randn(2, 2, 3, 16, generator=g).to(dev), torch.randn(2, 2, 20, 16, generator=g).to(dev)
+        s = bk.relevance_scores(q, k, backend="triton")
+        torch.testing.assert_close(s, bk.relevance_scores(q, k, backend="torch"), atol=2e-3, rtol=2e-3)
+        x = torch.randn(9, 2, 16, generator=g).to(dev)
+        cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=dev)
+        o = bk.varlen_attention(x, x, x, cu, 5, backend="triton")
+        torch.testing.assert_close(o, bk.varlen_attention(x, x, x, cu, 5, backend="torch"), atol=2e-3, rtol=2e-3)
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before[0]
+        if before[1] is not None:
+            torch.backends.fp32_precision = before[1]
+    assert not bk._backend.fp32_dots_allow_tf32()

@@ -263,20 +263,40 @@ def test_direct_calls_with_malformed_inputs_raise(dev):
     cu = torch.tensor([0, 4, 14], dtype=torch.int32, device=dev)
     vl = ops.select_tokens_varlen
     vl(x, s, keep, cu, 14, 1, "sum")  # well formed
-    _raises(vl, x, s, torch.tensor([2, 9], device=dev), torch.tensor([0, 4, 15], dtype=torch.int32, device=dev), 15, 1, "sum", match="keep")
-    _raises(vl, x, s, torch.tensor([-1, 8], device=dev), torch.tensor([0, 1, 11], dtype=torch.int32, device=dev), 11, 1, "sum", match="keep")
-    _raises(vl, x, s, keep, torch.tensor([0, 5, 15], dtype=torch.int32, device=dev), 15, 1, "sum", match="cu_seqlens length")
-    _raises(vl, x, s, keep, torch.tensor([1, 5, 15], dtype=torch.int32, device=dev), 15, 1, "sum", match="start at 0")
-    _raises(vl, x, s, keep, cu, 13, 1, "sum", match="total")
+    # Shapes, dtypes and devices are always checked (no sync).
     _raises(vl, x, s, keep, cu.long(), 14, 1, "sum", match="int32")
     _raises(vl, x, s, keep.int(), cu, 14, 1, "sum", match="int64")
     _raises(vl, x, s, keep[:1], cu, 14, 1, "sum", match="keep must be")
     _raises(vl, x, s, keep, cu[:2], 14, 1, "sum", match="B\\+1")
+    _raises(vl, x, s, keep, cu, 3, 1, "sum", match="total=3 is smaller")
+    malformed = [  # values: checked (a host copy) only with value checks on
+        ((x, s, torch.tensor([2, 9], device=dev), torch.tensor([0, 4, 15], dtype=torch.int32, device=dev), 15, 1, "sum"), "keep"),
+        ((x, s, torch.tensor([-1, 8], device=dev), torch.tensor([0, 1, 11], dtype=torch.int32, device=dev), 11, 1, "sum"), "keep"),
+        ((x, s, keep, torch.tensor([0, 5, 15], dtype=torch.int32, device=dev), 15, 1, "sum"), "cu_seqlens length"),
+        ((x, s, keep, torch.tensor([1, 5, 15], dtype=torch.int32, device=dev), 15, 1, "sum"), "start at 0"),
+        ((x, s, keep, cu, 13, 1, "sum"), "total"),
+        ((x, s, torch.tensor([-50, 8], device=dev), torch.tensor([0, -47, -37], dtype=torch.int32, device=dev), 6, 1, "sum"), "keep"),
+    ]
+    bk.set_value_checks(True)
+    try:
+        for args, match in malformed:
+            _raises(vl, *args, match=match)
+    finally:
+        bk.set_value_checks(None)
+    assert not ops.value_checks()  # the default on CUDA: no host copy, and no out-of-bounds access either
+    for args, _ in malformed:
+        vl(*args)
+    torch.cuda.synchronize()
     tok, idx = vl(x, s, keep, cu, 14, 1, "sum")
     vb = ops.select_tokens_varlen_backward
-    _raises(vb, tok[:-1], x, s, idx, keep, cu, 1, "sum", match="grad must be")
+    _raises(vb, tok[:-1], x, s, idx, keep, cu, 1, "sum", match="indices must be")
     _raises(vb, tok, x, s, idx[:-1], keep, cu, 1, "sum", match="indices must be")
-    _raises(vb, tok, x, s, idx, keep, cu, 1, "none", match="cu_seqlens length")
+    _raises(vb, tok[:, :3], x, s, idx, keep, cu, 1, "sum", match="grad must be")
+    bk.set_value_checks(True)
+    try:
+        _raises(vb, tok[:-2], x, s, idx, keep, cu, 1, "none", match="cu_seqlens length")
+    finally:
+        bk.set_value_checks(None)
 
     q = torch.randn(2, 3, 4, 8, device=dev)
     k = torch.randn(2, 3, 10, 8, device=dev)
@@ -296,3 +316,74 @@ def test_direct_calls_with_malformed_inputs_raise(dev):
     _raises(rb, g, q, k, lse[:, :2], 0.5, None, match="lse must be")
     _raises(rb, g, q, k, lse.double(), 0.5, None, match="lse must be float32")
     _raises(rb, g, q, k, lse.cpu(), 0.5, None)
+
+
+@gpu
+def test_nan_scores_rank_first_in_direct_calls(dev):
+    """+NaN and -NaN (sign bit set, e.g. 0 * -inf) both rank above +inf, ties by index, as
+    torch.sort and the reference rank them; the order key ranked -NaN last."""
+    ops = torch.ops.bus_kernels_C
+    s = torch.rand(3, 40) + 0.5
+    neg_nan = torch.tensor([-4194304], dtype=torch.int32).view(torch.float32)  # 0xffc00000
+    s[0, 7], s[0, 30] = float("nan"), neg_nan
+    s[1, 2], s[1, 39] = neg_nan, float("inf")
+    s[2, 5] = float("-inf")
+    x = torch.randn(3, 41, 16)
+    for order in ("index", "score"):
+        want = ref.select_tokens(x, s, 4, 1, "none", order)[1]
+        got = ops.select_tokens(x.to(dev), s.to(dev), 4, 1, "none", order)[1]
+        assert torch.equal(got.cpu(), want), order
+    keep = torch.tensor([2, 1, 3])
+    cu = torch.tensor([0, 4, 7, 12], dtype=torch.int32)
+    want = ref.select_tokens_varlen(x, s, keep, cu, 12, 1, "sum")[1]
+    got = ops.select_tokens_varlen(x.to(dev), s.to(dev), keep.to(dev), cu.to(dev), 12, 1, "sum")[1]
+    assert torch.equal(got.cpu(), want)
+
+
+@gpu
+def test_pack_more_than_65535_sequences(dev):
+    """B went on grid.y (at most 65535): the launch failed for larger batches."""
+    B = 70_001
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.randint(0, 3, (B,), generator=g)
+    x = torch.randn(B, 2, 3, generator=g)
+    packed = bk.pack(x.to(dev), lengths.to(dev), backend="cuda")
+    want = bk.pack(x, lengths, backend="torch")
+    assert torch.equal(packed.packed.cpu(), want.packed) and torch.equal(packed.cu_seqlens.cpu(), want.cu_seqlens)
+    back = bk.unpack(packed.packed, packed.cu_seqlens, 2, backend="cuda")
+    assert torch.equal(back.cpu(), bk.unpack(want.packed, want.cu_seqlens, 2, backend="torch"))
+
+
+@gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_hot_path_makes_no_host_sync_on_the_gpu(dev, backend):
+    """With the default value checks (off on CUDA) the hot path never waits for the GPU:
+    torch.cuda.set_sync_debug_mode("error") raises on any synchronising call."""
+    require_backend(backend)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(4, 2, 3, 32, generator=g).to(dev).requires_grad_()
+    k = torch.randn(4, 2, 50, 32, generator=g).to(dev).requires_grad_()
+    mask = torch.tensor([[True, False, True]] * 4, device=dev)
+    x = torch.randn(4, 51, 64, generator=g).to(dev).requires_grad_()
+    keep = torch.tensor([3, 0, 50, 7], device=dev)
+    total, longest = 4 * 2 + 60, 52
+    lengths = torch.tensor([5, 0, 9, 2], device=dev)
+    qa = torch.randn(20, 2, 32, generator=g).to(dev).requires_grad_()
+    cu = torch.tensor([0, 5, 5, 14, 20], dtype=torch.int32, device=dev)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        s = bk.relevance_scores(q, k, q_mask=mask, backend=backend)
+        tok = bk.select_tokens(x, s, 9, backend=backend).tokens  # x: [CLS] + the 50 scored keys
+        var = bk.select_tokens_varlen(x, s, keep=keep, total=total, max_seqlen=longest, backend=backend)
+        loss = tok.float().square().sum() + var.tokens.float().square().sum()
+        if backend == "triton":
+            loss = loss + bk.varlen_attention(qa, qa, qa, cu, 9, backend=backend).float().square().sum()
+        else:
+            loss = loss + bk.pack(x, lengths, total=16, max_seqlen=9, backend=backend).packed.float().square().sum()
+            loss = loss + bk.unpack(qa, cu, 9, backend=backend).float().square().sum()
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(x.grad).all()

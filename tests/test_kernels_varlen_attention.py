@@ -188,3 +188,18 @@ def test_opcheck(fused, device, gen):
     cu = _cu([3, 0, 5], device)
     q, k, v, kb, _ = _inputs(gen, [3, 0, 5], 2, 16, torch.float32, "per_key", device)
     torch.library.opcheck(_attn_op, (q, k, v, cu, 6, 0.25, True, kb, fused))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("max_seqlen_pad", [0, 200])
+def test_long_and_short_sequence_tiles(fused, device, gen, causal, max_seqlen_pad):
+    """16-bit inputs: 64-query tiles when every sequence is short, 128 otherwise (max_seqlen over
+    192); key tiles unmasked except at the sequence's end and on the causal diagonal."""
+    lens = [130, 3, 64, 65]
+    cu = _cu(lens, device)
+    q, k, v, kb, grad = _inputs(gen, lens, 1, 32, torch.bfloat16, "per_key", device)
+    max_seqlen = max(lens) + max_seqlen_pad
+    want = _run("torch", q, k, v, kb, grad, cu, max_seqlen, causal)
+    got = _run(fused, q, k, v, kb, grad, cu, max_seqlen, causal)
+    for name, g, w in zip(NAMES, got, want):
+        _assert_close(g, w, torch.bfloat16, name)

@@ -43,6 +43,11 @@ s = torch.randn(2, 8)
         (lambda: bk.select_tokens_varlen(x, s, mass=0.5), ValueError, "non-negative scores"),
         (lambda: bk.select_tokens_varlen(x, torch.zeros_like(s), mass=0.5), ValueError, "positive sum"),
         (lambda: bk.select_tokens_varlen(x, s * float("nan"), keep=torch.tensor([1, 1])), ValueError, "finite"),
+        (lambda: bk.select_tokens_varlen(x, s, keep=torch.tensor([1, 2]), total=9, max_seqlen=4), ValueError, "total=9 must be the number of packed rows, sum.* = 7"),
+        (lambda: bk.select_tokens_varlen(x, s, keep=torch.tensor([1, 2]), total=9), ValueError, "total=9 must be"),
+        (lambda: bk.select_tokens_varlen(x, s, keep=torch.tensor([1, 2]), total=1), ValueError, r"total=1 must be in"),
+        (lambda: bk.select_tokens_varlen(x, s, keep=torch.tensor([1, 2]), total=7, max_seqlen=3), ValueError, "max_seqlen=3 is smaller than the longest sequence \\(4\\)"),
+        (lambda: bk.select_tokens_varlen(x, s, keep=torch.tensor([1, 2]), max_seqlen=3), ValueError, "max_seqlen=3 is smaller"),
     ],
 )
 def test_select_bad_input(call, exc, match):
@@ -97,6 +102,11 @@ cu = torch.tensor([0, 4, 10], dtype=torch.int32)
         (lambda: bk.pack(qa, [2, 3] + [0] * 8), ValueError, r"lengths\[1\]=3 must be in \[0, 2\]"),
         (lambda: bk.pack(qa, [1]), ValueError, "lengths must have B=10"),
         (lambda: bk.pack(qa, torch.tensor([1.0] * 10)), TypeError, "lengths must be an integer"),
+        (lambda: bk.pack(qa, torch.tensor([1] * 9)), ValueError, "lengths must have B=10 entries, got 9"),
+        (lambda: bk.pack(qa, torch.tensor([1] * 9 + [3])), ValueError, r"lengths\[9\]=3 must be in \[0, 2\]"),
+        (lambda: bk.pack(qa, torch.tensor([1] * 10), total=11, max_seqlen=2), ValueError, "total=11 must be sum"),
+        (lambda: bk.pack(qa, [1] * 10, total=9), ValueError, "total=9 must be sum"),
+        (lambda: bk.pack(qa, torch.tensor([2] + [1] * 9), max_seqlen=1), ValueError, "max_seqlen=1 is smaller"),
     ],
 )
 def test_attention_and_pack_bad_input(call, exc, match):

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import operator
-from typing import Iterable, Optional
+import os
+from typing import Iterable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -60,15 +61,80 @@ def check_fuse(op: str, fuse: object) -> str:
     return "none" if fuse is None else fuse
 
 
+# ------------------------------------------------------------------------------ value checks
+# Checks that read tensor values (finite scores, well-formed cu_seqlens, keep counts in range,
+# empty q_mask rows) cost a device-to-host copy, i.e. a full stall of the GPU's launch queue, and
+# break CUDA-graph capture. They are switched as a whole: set_value_checks(True/False), else
+# $BUS_KERNELS_VALUE_CHECKS=0/1, else per device: on for CPU tensors (where a check is only a
+# read of memory), off for CUDA tensors. Shape, dtype and device checks are always on.
+_value_checks: Optional[bool] = None  # set_value_checks(); None: the environment, then per device
+
+
+def _env_value_checks() -> Optional[bool]:
+    env = os.environ.get("BUS_KERNELS_VALUE_CHECKS", "").strip().lower()
+    if env in ("", "auto"):
+        return None
+    if env in ("1", "true", "on", "yes"):
+        return True
+    if env in ("0", "false", "off", "no"):
+        return False
+    raise ValueError(f"BUS_KERNELS_VALUE_CHECKS={env!r} must be 0, 1 or auto")
+
+
+_env_checks: Optional[bool] = _env_value_checks()
+
+
+def set_value_checks(on: Optional[bool]) -> None:
+    """Switch the checks that read tensor values (each one a device sync on a GPU).
+
+    ``True``: always check (finite scores, well-formed ``cu_seqlens``, keep counts in range,
+    ``q_mask`` rows with a real token, in the ops and in the CUDA kernels' wrappers); ``False``:
+    never (the kernels still never touch memory outside their tensors, but malformed values give
+    unspecified results); ``None``: back to ``$BUS_KERNELS_VALUE_CHECKS`` (``0``/``1``), else the
+    default, on for CPU tensors and off for CUDA tensors. Shape, dtype and device checks are
+    always on.
+    """
+    global _value_checks, _env_checks
+    if on is not None and not isinstance(on, bool):
+        raise TypeError(f"set_value_checks: on must be True, False or None, got {on!r}")
+    _value_checks = on
+    _env_checks = _env_value_checks()
+    _sync_extension_flag()
+
+
+def value_checks_enabled(device: Union[str, torch.device] = "cpu") -> bool:
+    """Whether ops on tensors of ``device`` run their value checks now (see :func:`set_value_checks`)."""
+    if _value_checks is not None:
+        return _value_checks
+    if _env_checks is not None:
+        return _env_checks
+    return torch.device(device).type != "cuda"
+
+
+def _sync_extension_flag() -> None:
+    """The CUDA wrappers of the extension read their own copy of the switch (CUDA tensors)."""
+    from .. import _ext
+
+    if _ext.compiled() and hasattr(_ext.ops(), "set_value_checks"):
+        try:
+            _ext.ops().set_value_checks(value_checks_enabled("cuda"))
+        except RuntimeError:  # an older build without the op
+            pass
+
+
 def check_finite(op: str, name: str, t: Tensor) -> None:
-    """Value check (one device sync): run inside the op so it also guards compiled graphs."""
-    if not bool(torch.isfinite(t).all()):
+    """Value check (one device sync; only when value checks are on): run inside the op so it
+    also guards compiled graphs."""
+    if value_checks_enabled(t.device) and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{op}: {name} must be finite, found NaN or inf")
 
 
 def check_cu_seqlens(op: str, cu_seqlens: Tensor, total: int, max_seqlen: Optional[int] = None) -> None:
-    """Value checks of a cu_seqlens tensor (one device sync): starts at 0, non-decreasing, ends at
-    ``total`` and, when given, no sequence longer than ``max_seqlen``."""
+    """Value checks of a cu_seqlens tensor (one device sync; only when value checks are on):
+    starts at 0, non-decreasing, ends at ``total`` and, when given, no sequence longer than
+    ``max_seqlen``."""
+    if not value_checks_enabled(cu_seqlens.device):
+        return
     cu = cu_seqlens.tolist()
     if not cu or cu[0] != 0:
         raise ValueError(f"{op}: cu_seqlens must start at 0, got {cu[:4]}...")

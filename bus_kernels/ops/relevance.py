@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _ext, reference
-from ._common import ANY_FLOAT, check_tensor
+from ._common import ANY_FLOAT, check_tensor, value_checks_enabled
 
 IMPLEMENTED = ("torch", "triton") + _ext.kernels("relevance_scores")
 
@@ -23,6 +23,8 @@ def _forward_impl(q, k, scale, q_mask, backend):
 
 
 def _backward_impl(grad, q, k, lse, scale, q_mask, backend):
+    """(dq, dk), contiguous whatever the strides of q and k (the Triton kernels read strided
+    views such as ``k[:, :, P:]`` of a fused qkv projection in place)."""
     if backend == "triton":
         from ..triton.relevance import relevance_scores_backward
 
@@ -31,7 +33,8 @@ def _backward_impl(grad, q, k, lse, scale, q_mask, backend):
         return tuple(
             _ext.ops().relevance_scores_backward(grad, q.contiguous(), k.contiguous(), lse, scale, q_mask)
         )
-    return reference.relevance_scores_backward(grad, q, k, scale, q_mask)
+    dq, dk = reference.relevance_scores_backward(grad, q, k, scale, q_mask)
+    return dq.contiguous(), dk.contiguous()
 
 
 def _out_dtype(q: Tensor) -> torch.dtype:
@@ -42,8 +45,8 @@ def _out_dtype(q: Tensor) -> torch.dtype:
 def _relevance_op(
     q: Tensor, k: Tensor, scale: float, q_mask: Optional[Tensor], backend: str
 ) -> tuple[Tensor, Tensor]:
-    # Value check inside the op (one sync) so that compiled graphs are guarded too.
-    if q_mask is not None and not bool(q_mask.any(dim=1).all()):
+    # Value check inside the op so that compiled graphs are guarded too (one sync: value checks only).
+    if q_mask is not None and value_checks_enabled(q.device) and not bool(q_mask.any(dim=1).all()):
         raise ValueError("relevance_scores: every row of q_mask needs at least one True (a real text token)")
     return _forward_impl(q, k, scale, q_mask, backend)
 
@@ -64,7 +67,7 @@ def _relevance_backward_op(
 
 @_relevance_backward_op.register_fake
 def _(grad, q, k, lse, scale, q_mask, backend):
-    return torch.empty_like(q), torch.empty_like(k)
+    return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
 def _setup(ctx, inputs, output):
@@ -99,7 +102,8 @@ def relevance_scores(
         q: ``[B, H, T, d]`` text queries, T >= 1 (T = 1 for a text [CLS]).
         k: ``[B, H, N, d]`` patch keys, same dtype (fp32, fp16, bf16; fp64 on ``torch``) and device.
         scale: logit scale, default ``d ** -0.5``.
-        q_mask: optional bool ``[B, T]``, True for real text tokens; each row needs one True.
+        q_mask: optional bool ``[B, T]``, True for real text tokens; each row needs one True
+            (checked when value checks are on, see :func:`bus_kernels.set_value_checks`).
         backend: ``"torch"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"auto"``.
 
     Returns:

@@ -147,7 +147,8 @@ def select_tokens(
     Args:
         x: ``[B, N, D]`` tokens (any float dtype). The first ``num_prefix`` (class/register tokens)
             are always kept, first and unchanged, and are not ranked.
-        scores: ``[B, N - num_prefix]`` finite float scores (e.g. from :func:`relevance_scores`).
+        scores: ``[B, N - num_prefix]`` finite float scores (e.g. from :func:`relevance_scores`);
+            checked when value checks are on (:func:`bus_kernels.set_value_checks`).
         keep: int ``k`` in ``[1, N - num_prefix]``, or a float ratio in ``(0, 1]`` meaning
             ``k = ceil(ratio * (N - num_prefix))``.
         num_prefix: number of leading tokens that are always kept.
@@ -157,7 +158,7 @@ def select_tokens(
         order: ``"index"`` keeps kept tokens in their original order, ``"score"`` by descending score.
         backend: ``"torch"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"auto"``.
 
-    Ranking: higher score first; among equal scores the lower index wins.
+    Ranking: higher score first; among equal scores the lower index wins. No host sync.
 
     Returns:
         ``Selection(tokens [B, num_prefix + k + (fuse is not None), D], indices int64 [B, k])``.

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _ext, reference
-from ._common import check_finite, check_fuse, check_int, check_tensor
+from ._common import check_finite, check_fuse, check_int, check_tensor, value_checks_enabled
 from .select import check_select_inputs, implemented_for
 
 IMPLEMENTED = ("torch", "triton") + _ext.kernels("select_tokens_varlen")
@@ -35,7 +35,9 @@ class VarlenSelection(NamedTuple):
 def _mass_keep_op(scores: Tensor, mass: float, min_keep: int, backend: str) -> Tensor:
     op = "select_tokens_varlen"
     check_finite(op, "scores", scores)
-    if bool((scores < 0).any()) or not bool((scores.sum(dim=1) > 0).all()):
+    if value_checks_enabled(scores.device) and (
+        bool((scores < 0).any()) or not bool((scores.sum(dim=1) > 0).all())
+    ):
         raise ValueError(f"{op}: mass= needs non-negative scores with a positive sum in every row")
     return reference.mass_keep(scores, mass, min_keep)
 
@@ -83,9 +85,13 @@ def _varlen_op(
 ) -> tuple[Tensor, Tensor]:
     op = "select_tokens_varlen"
     check_finite(op, "scores", scores)
-    n = scores.shape[1]
-    if bool(((keep < 0) | (keep > n)).any()):
-        raise ValueError(f"{op}: every keep[b] must be in [0, N - num_prefix = {n}], got {keep.tolist()}")
+    if value_checks_enabled(x.device):
+        n = scores.shape[1]
+        if bool(((keep < 0) | (keep > n)).any()):
+            raise ValueError(f"{op}: every keep[b] must be in [0, N - num_prefix = {n}], got {keep.tolist()}")
+        if int(cu_seqlens[-1]) != total:
+            raise ValueError(f"{op}: total={total} must be the number of packed rows, "
+                             f"sum(num_prefix + keep[b] + fused) = {int(cu_seqlens[-1])}")
     return _forward_impl(x, scores, keep, cu_seqlens, total, num_prefix, fuse, backend)
 
 
@@ -142,6 +148,8 @@ def select_tokens_varlen(
     min_keep: int = 1,
     num_prefix: int = 1,
     fuse: Optional[str] = "sum",
+    total: Optional[int] = None,
+    max_seqlen: Optional[int] = None,
     backend: Optional[str] = None,
 ) -> VarlenSelection:
     """Keep a different number of tokens per sample and pack the result without padding.
@@ -155,6 +163,12 @@ def select_tokens_varlen(
             at least ``min_keep``. Exactly one of ``keep`` and ``mass``.
         min_keep: lower bound of the mass-based count, in ``[0, N - num_prefix]``.
         num_prefix, fuse: as in :func:`select_tokens`.
+        total: optional, the exact number of packed rows, ``sum_b num_prefix + keep[b] +
+            (fuse is not None)``, when the caller knows it without reading ``keep`` from the
+            device (e.g. ``keep`` built from host-side counts).
+        max_seqlen: optional upper bound of the longest sequence (``num_prefix + N - num_prefix +
+            1`` always is one), returned as ``VarlenSelection.max_seqlen``; a tight bound makes
+            :func:`varlen_attention` launch fewer programs.
         backend: ``"torch"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"auto"``.
 
     Ranking, fuse and autograd rules are those of :func:`select_tokens`.
@@ -164,7 +178,10 @@ def select_tokens_varlen(
         indices int64 [keep.sum()], keep int64 [B])`` with sequence b of length
         ``num_prefix + keep[b] + (fuse is not None)``.
 
-    Reads the per-sample counts on the host (one device sync) to size the packed output.
+    Host syncs: the packed output's size is data-dependent, so without ``total`` and
+    ``max_seqlen`` the op reads both from the device in one copy (one sync); with both, none.
+    With value checks on (:func:`bus_kernels.set_value_checks`), ``keep``, ``total`` and
+    ``max_seqlen`` are also checked against the counts (syncs).
     """
     op = "select_tokens_varlen"
     n = check_select_inputs(op, x, scores, num_prefix)
@@ -182,9 +199,28 @@ def select_tokens_varlen(
             raise ValueError(f"{op}: mass={mass!r} must be a float in (0, 1]")
         check_int(op, "min_keep", min_keep, 0, n)
         keep = _mass_keep_op(scores, float(mass), min_keep, name)
-    lengths = keep + (num_prefix + (fuse_mode != "none"))
+    extra = num_prefix + (fuse_mode != "none")
+    if total is not None:
+        total = check_int(op, "total", total, B * extra)
+    if max_seqlen is not None:
+        max_seqlen = check_int(op, "max_seqlen", max_seqlen, 0)
+    lengths = keep + extra
     cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-    total = int(cu_seqlens[-1].item())
-    max_seqlen = int(lengths.max().item()) if B > 0 else 0
+    if total is None or max_seqlen is None:
+        if B == 0:
+            sizes = [0, 0]
+        else:  # one device-to-host copy for both sizes
+            sizes = torch.stack([cu_seqlens[-1].to(torch.int64), lengths.max()]).tolist()
+        if total is not None and total != sizes[0]:  # read anyway: checked for free
+            raise ValueError(f"{op}: total={total} must be the number of packed rows, "
+                             f"sum(num_prefix + keep[b] + fused) = {sizes[0]}")
+        total = sizes[0]
+        longest = sizes[1]
+        if max_seqlen is None:
+            max_seqlen = longest
+    else:
+        longest = int(lengths.max()) if value_checks_enabled(x.device) and B > 0 else 0
+    if max_seqlen < longest:
+        raise ValueError(f"{op}: max_seqlen={max_seqlen} is smaller than the longest sequence ({longest})")
     tokens, indices = _varlen_op(x, scores, keep, cu_seqlens, total, num_prefix, fuse_mode, name)
     return VarlenSelection(tokens, cu_seqlens, max_seqlen, indices, keep)

@@ -135,7 +135,8 @@ def varlen_attention(
         q, k, v: ``[total, H, d]``, same dtype (fp32, fp16, bf16; fp64 on ``torch``) and device;
             ``d`` a multiple of 8, at most 256.
         cu_seqlens: int32 ``[B+1]``: starts at 0, non-decreasing, ends at ``total``; zero-length
-            sequences are allowed.
+            sequences are allowed. Its values (and ``max_seqlen``) are checked only when value
+            checks are on (:func:`bus_kernels.set_value_checks`); no host sync otherwise.
         max_seqlen: int >= the longest sequence.
         scale: logit scale, default ``d ** -0.5``.
         causal: query i attends keys j <= i of its own sequence.

@@ -19,7 +19,8 @@ Forward (2 launches; +1 for ``order="score"``, +1 when the fuse reduction is spl
      the slow-to-compile sort exists once per BLOCK_N, not once per scores dtype).
   2. ``_select_gather_kernel``, grid ``(B, D tiles, splits)``: streams the row's tokens once:
      prefix rows and kept rows are copied to their slots, dropped rows are accumulated into
-     the fused token in fp32 (dropped rows are not even read when ``fuse="none"``). x is read
+     a [BLOCK_T, BLOCK_D] fp32 tile reduced to the fused token once after the loop (dropped rows
+     are not even read when ``fuse="none"``, a compile-time ``HAS_FUSE``). x is read
      exactly once in total. With one split the fused row is written directly; with several
      (few rows and D tiles for the GPU), fp32 partials go to a workspace and
   3. ``_select_fuse_finish_kernel``, grid ``(B, D tiles)``, sums them in a fixed order
@@ -58,26 +59,35 @@ _BLOCK_DS = (32, 64, 128)
 
 @triton.jit
 def _order_key(s):
-    """int32 image of fp32 scores with the same order (-0.0 is mapped to +0.0 first: equal)."""
+    """int32 image of fp32 scores with the same order (-0.0 is mapped to +0.0 first: equal).
+    Every NaN, of either sign, maps to the largest key (ranked first, as torch.sort ranks it);
+    reachable only with value checks off."""
     s = tl.where(s == 0.0, 0.0, s)
     bits = s.to(tl.int32, bitcast=True)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return tl.where(s != s, 0x7FFFFFFF, bits ^ ((bits >> 31) & 0x7FFFFFFF))
 
 
 @triton.jit
-def _row_layout(b, keep_ptr, cu_ptr, meta_ptr, k, num_prefix, has_fuse, VARLEN: tl.constexpr):
-    """Row b's keep count and first index slot; stores (first output row, keep) into meta[b]."""
+def _row_layout(b, keep_ptr, cu_ptr, meta_ptr, k, n, num_prefix, has_fuse, out_rows, num_kept, VARLEN: tl.constexpr):
+    """Row b's keep count, first index slot and whether its rows fit the buffers; stores
+    (first output row, keep) into meta[b], (-1, 0) for a varlen row whose keep / cu_seqlens would
+    leave the output buffers (malformed values with value checks off): later kernels skip it."""
     if VARLEN:
         base = tl.load(cu_ptr + b)
-        kb = tl.load(keep_ptr + b).to(tl.int32)
-        idx_base = (base - b * (num_prefix + has_fuse)).to(tl.int64)
+        kb = tl.load(keep_ptr + b)
+        idx_base = base.to(tl.int64) - b.to(tl.int64) * (num_prefix + has_fuse)
+        ok = (kb >= 0) & (kb <= n) & (base >= 0) & (base.to(tl.int64) + num_prefix + has_fuse + kb <= out_rows)
+        ok = ok & (idx_base >= 0) & (idx_base + kb <= num_kept)
+        kb = tl.where(ok, kb, 0).to(tl.int32)
+        base = tl.where(ok, base, -1)
     else:
         base = b.to(tl.int64) * (num_prefix + k + has_fuse)
         kb = k
         idx_base = b.to(tl.int64) * k
+        ok = b >= 0
     tl.store(meta_ptr + 2 * b, base)
     tl.store(meta_ptr + 2 * b + 1, kb)
-    return kb, idx_base
+    return kb, idx_base, ok
 
 
 @triton.jit
@@ -97,11 +107,14 @@ def _select_rank_kernel(
     has_fuse,
     fuse_mean,
     store_keys,
+    out_rows,  # rows of the output (bounds of a varlen row's layout)
+    num_kept,  # entries of indices
     VARLEN: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     b = tl.program_id(0)
-    kb, idx_base = _row_layout(b, keep_ptr, cu_ptr, meta_ptr, k, num_prefix, has_fuse, VARLEN)
+    kb, idx_base, ok = _row_layout(b, keep_ptr, cu_ptr, meta_ptr, k, n, num_prefix, has_fuse, out_rows, num_kept,
+                                   VARLEN)
 
     offs = tl.arange(0, BLOCK_N)
     valid = offs < n
@@ -124,7 +137,7 @@ def _select_rank_kernel(
     eq = ukey == thr
     need = kb - tl.sum(gt.to(tl.int32), axis=0)  # threshold ties to keep, lowest index first
     eq_rank = tl.cumsum(eq.to(tl.int32), 0) - 1
-    kept = gt | (eq & (eq_rank < need))
+    kept = (gt | (eq & (eq_rank < need))) & ok
     pos = tl.cumsum(kept.to(tl.int32), 0) - 1
     tl.store(indices_ptr + idx_base + pos, (offs + num_prefix).to(tl.int64), mask=kept)
     tl.store(slot_ptr + row + offs, tl.where(kept, pos, -1), mask=valid)
@@ -173,7 +186,7 @@ def _select_gather_kernel(
     num_prefix,
     tokens_per_split,
     splits,
-    has_fuse,
+    HAS_FUSE: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -183,6 +196,8 @@ def _select_gather_kernel(
     n = N - num_prefix
     base = tl.load(meta_ptr + 2 * b)
     kb = tl.load(meta_ptr + 2 * b + 1)
+    if base < 0:  # a malformed varlen row (see _row_layout): nothing of it is written
+        return
     offs_d = pd * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     x_row = x_ptr + b.to(tl.int64) * N * D
@@ -196,16 +211,20 @@ def _select_gather_kernel(
         v = tl.load(x_row + t.to(tl.int64)[:, None] * D + offs_d[None, :], mask=m)
         tl.store(out_ptr + (base + t).to(tl.int64)[:, None] * D + offs_d[None, :], v, mask=m)
 
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    # [BLOCK_T, BLOCK_D] fp32 accumulator reduced once after the loop: a tl.sum per iteration
+    # puts a cross-warp reduction (barriers) between consecutive tiles' loads and serialises them.
+    acc2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     j_start = sp * tokens_per_split
     j_end = tl.minimum(j_start + tokens_per_split, n)
     for j0 in range(j_start, j_end, BLOCK_T):
         j = j0 + t_offs
         jm = j < j_end
         slot = tl.load(slot_ptr + b.to(tl.int64) * n + j, mask=jm, other=-1)
-        c = tl.load(coef_ptr + b.to(tl.int64) * n + j, mask=jm, other=0.0)
         kept = jm & (slot >= 0)
-        read = jm & ((slot >= 0) | (has_fuse != 0))  # dropped rows are not read without a fuse
+        if HAS_FUSE:
+            read = jm
+        else:
+            read = kept  # dropped rows are not read without a fuse
         v = tl.load(
             x_row + (num_prefix + j).to(tl.int64)[:, None] * D + offs_d[None, :],
             mask=read[:, None] & dmask[None, :],
@@ -213,9 +232,12 @@ def _select_gather_kernel(
         )
         dst = (base + num_prefix + slot).to(tl.int64)
         tl.store(out_ptr + dst[:, None] * D + offs_d[None, :], v, mask=kept[:, None] & dmask[None, :])
-        acc += tl.sum(v.to(tl.float32) * c[:, None], axis=0)
+        if HAS_FUSE:
+            c = tl.load(coef_ptr + b.to(tl.int64) * n + j, mask=jm, other=0.0)
+            acc2 += v.to(tl.float32) * c[:, None]
 
-    if has_fuse != 0:
+    if HAS_FUSE:
+        acc = tl.sum(acc2, axis=0)
         if splits == 1:
             div = tl.load(div_ptr + b)
             fused = tl.where(div != 0.0, tl.math.div_rn(acc, tl.where(div != 0.0, div, 1.0)), 0.0)
@@ -238,6 +260,8 @@ def _select_fuse_finish_kernel(
 ):
     b = tl.program_id(0)
     pd = tl.program_id(1)
+    if tl.load(meta_ptr + 2 * b) < 0:  # a malformed varlen row: skipped
+        return
     offs_d = pd * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -264,11 +288,14 @@ def _select_bwd_prep_kernel(
     num_prefix,
     has_fuse,
     fuse_mean,
+    out_rows,  # rows of the upstream gradient
+    num_kept,  # entries of indices
     VARLEN: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     b = tl.program_id(0)
-    kb, idx_base = _row_layout(b, keep_ptr, cu_ptr, meta_ptr, k, num_prefix, has_fuse, VARLEN)
+    kb, idx_base, ok = _row_layout(b, keep_ptr, cu_ptr, meta_ptr, k, n, num_prefix, has_fuse, out_rows, num_kept,
+                                   VARLEN)
 
     offs = tl.arange(0, BLOCK_N)
     valid = offs < n
@@ -278,7 +305,7 @@ def _select_bwd_prep_kernel(
     tl.debug_barrier()
     kept_p = offs < kb
     col = tl.load(indices_ptr + idx_base + offs, mask=kept_p, other=num_prefix) - num_prefix
-    tl.store(slot_ptr + row + col, offs, mask=kept_p)
+    tl.store(slot_ptr + row + col, offs, mask=kept_p & (col >= 0) & (col < n))  # in-row columns only
     tl.debug_barrier()
     slot = tl.load(slot_ptr + row + offs, mask=valid, other=0)
     s = tl.load(scores_ptr + row + offs, mask=valid, other=0.0).to(tl.float32)
@@ -313,6 +340,7 @@ def _select_bwd_kernel(
     n = N - num_prefix
     base = tl.load(meta_ptr + 2 * b)
     kb = tl.load(meta_ptr + 2 * b + 1)
+    row_ok = base >= 0  # False for a malformed varlen row: its gradient is written as zeros
     t = pt * BLOCK_T + tl.arange(0, BLOCK_T)
     tm = t < N
     is_prefix = t < num_prefix
@@ -320,8 +348,9 @@ def _select_bwd_kernel(
     jm = tm & (~is_prefix)
     slot = tl.load(slot_ptr + b.to(tl.int64) * n + j, mask=jm, other=-1)
     c = tl.load(coef_ptr + b.to(tl.int64) * n + j, mask=jm, other=0.0)
-    take_g = tm & (is_prefix | (slot >= 0))  # rows whose gradient is an output row's gradient
-    read_x = jm & (slot < 0) & (has_fuse != 0)
+    c = tl.where(row_ok, c, 0.0)
+    take_g = tm & (is_prefix | (slot >= 0)) & row_ok  # rows whose gradient is an output row's gradient
+    read_x = jm & (slot < 0) & (has_fuse != 0) & row_ok
     src = tl.where(is_prefix, base + t, base + num_prefix + slot).to(tl.int64)
     fused_row = (base + num_prefix + kb).to(tl.int64)
     x_rows = (b.to(tl.int64) * N + t)[:, None] * D
@@ -329,7 +358,7 @@ def _select_bwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         dmask = offs_d < D
-        gf = tl.load(g_ptr + fused_row * D + offs_d, mask=dmask & (has_fuse != 0), other=0.0).to(tl.float32)
+        gf = tl.load(g_ptr + fused_row * D + offs_d, mask=dmask & (has_fuse != 0) & row_ok, other=0.0).to(tl.float32)
         gr = tl.load(
             g_ptr + src[:, None] * D + offs_d[None, :], mask=take_g[:, None] & dmask[None, :], other=0.0
         ).to(tl.float32)
@@ -423,7 +452,7 @@ def _forward(x, scores, out, indices, k, keep, cu_seqlens, num_prefix, fuse, ord
     _select_rank_kernel[(B,)](
         scores, slot, coef, div, meta, indices, keys,
         keep if varlen else indices, cu_seqlens if varlen else meta,
-        n, k, num_prefix, has_fuse, int(fuse == "mean"), int(score_order),
+        n, k, num_prefix, has_fuse, int(fuse == "mean"), int(score_order), out.shape[0], indices.numel(),
         VARLEN=varlen, BLOCK_N=block_n, num_warps=warps_n,
     )  # fmt: skip
     if score_order:
@@ -442,8 +471,8 @@ def _forward(x, scores, out, indices, k, keep, cu_seqlens, num_prefix, fuse, ord
     splits = max(triton.cdiv(n, tokens_per_split), 1)
     part = torch.empty((B, splits, D), dtype=torch.float32, device=dev) if splits > 1 else coef
     _select_gather_kernel[(B, d_tiles, splits)](
-        x, out, slot, coef, div, meta, part, N, D, num_prefix, tokens_per_split, splits, has_fuse,
-        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps,
+        x, out, slot, coef, div, meta, part, N, D, num_prefix, tokens_per_split, splits,
+        HAS_FUSE=bool(has_fuse), BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps,
     )  # fmt: skip
     if has_fuse and splits > 1:
         _select_fuse_finish_kernel[(B, d_tiles)](
@@ -470,7 +499,7 @@ def _backward(grad, x, scores, indices, k, keep, cu_seqlens, num_prefix, fuse):
     _select_bwd_prep_kernel[(B,)](
         scores, indices, slot, coef, div, meta,
         keep if varlen else indices, cu_seqlens if varlen else meta,
-        n, k, num_prefix, has_fuse, fuse_mean,
+        n, k, num_prefix, has_fuse, fuse_mean, grad.shape[0], indices.numel(),
         VARLEN=varlen, BLOCK_N=block_n, num_warps=warps_n,
     )  # fmt: skip
     if D > 0 and N > 0:
@@ -577,8 +606,9 @@ def compile_cases():
                 x_ptr=f"*{dt}", out_ptr=f"*{dt}", slot_ptr="*i32", coef_ptr="*fp32", div_ptr="*fp32",
                 meta_ptr="*i32", part_ptr="*fp32",
             )  # fmt: skip
-            cx = dict(BLOCK_T=block_t, BLOCK_D=block_d)
-            yield _select_gather_kernel, _signature(_select_gather_kernel, types, cx), cx, opts
+            for has_fuse in (True, False):
+                cx = dict(HAS_FUSE=has_fuse, BLOCK_T=block_t, BLOCK_D=block_d)
+                yield _select_gather_kernel, _signature(_select_gather_kernel, types, cx), cx, opts
             types = dict(out_ptr=f"*{dt}", part_ptr="*fp32", div_ptr="*fp32", meta_ptr="*i32")
             cx = dict(BLOCK_D=block_d)
             yield _select_fuse_finish_kernel, _signature(_select_fuse_finish_kernel, types, cx), cx, opts

@@ -10,6 +10,9 @@ Passes:
                                   sequence bounds from cu_seqlens (programs past the end exit), keeps
                                   a [BLOCK_M, d] query tile and streams key/value tiles with an online
                                   softmax in fp32 (exp2, log2(e) folded into the scale); writes out, lse.
+                                  Only the key tiles at the sequence's end or on the causal diagonal
+                                  are masked (``_fwd_tiles(MASKED=True)``); 16-bit inputs with short
+                                  sequences (<= 192) take 64-query tiles.
   backward  ``_bwd_preprocess``  delta = rowsum(dO * O), grid (row tiles of total, H).
             ``_bwd_dkdv_kernel`` grid (key tiles, B*H): a [BLOCK_N, d] key/value tile stays put while
                                   query tiles stream by; accumulates dK, dV and d key_bias (column sums of
@@ -35,6 +38,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._backend import fp32_dots_allow_tf32
+
 _MAX_GRID_Y = 65535  # CUDA limit of grid dims 1 and 2; B*H is folded over both
 
 
@@ -43,12 +48,49 @@ _MAX_GRID_Y = 65535  # CUDA limit of grid dims 1 and 2; B*H is folded over both
 # --------------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _fwd_tiles(
+    acc, l_i, m_i, q, K, V, Bias, row0, h, offs_m, offs_d, d_valid, lo, hi, seq_len,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_bt, stride_bh, qk_scale, has_bias, is_causal,
+    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, MASKED: tl.constexpr,
+):
+    """Online softmax over the key tiles [lo, hi). MASKED: the tiles that straddle the end of the
+    sequence or (causal) the diagonal; the others need no score mask at all."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < seq_len
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        k = tl.load(K + (row0 + offs_n[:, None]) * stride_kt + h * stride_kh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + (row0 + offs_n[:, None]) * stride_vt + h * stride_vh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if has_bias:
+            bias = tl.load(Bias + (row0 + offs_n) * stride_bt + h * stride_bh, mask=n_valid, other=0.0)
+            s += bias.to(tl.float32)[None, :] * 1.4426950408889634
+        if MASKED:
+            valid = n_valid[None, :] & ((offs_n[None, :] <= offs_m[:, None]) | (is_causal == 0))
+            s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no finite logit yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
 @triton.jit(do_not_specialize=["has_bias", "is_causal"])
 def _fwd_kernel(
     Q, K, V, Bias, Out, Lse, CuSeqlens,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_ot, stride_oh, stride_bt, stride_bh, stride_lt, stride_lh,
-    H, BH, D, qk_scale,
+    H, BH, total, D, qk_scale,
     has_bias, is_causal,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -61,6 +103,8 @@ def _fwd_kernel(
     h = pid_bh % H
     seq_start = tl.load(CuSeqlens + b)
     seq_len = tl.load(CuSeqlens + b + 1) - seq_start
+    if (seq_start < 0) | (seq_len < 0) | (seq_start.to(tl.int64) + seq_len > total):
+        return  # malformed cu_seqlens (value checks off): never touch rows outside [0, total)
     start_m = pid_m * BLOCK_M
     if start_m >= seq_len:
         return
@@ -78,34 +122,24 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
+    # Key tiles every query of this tile sees whole (inside the sequence and, causal, at or
+    # before the tile's first query) run without a score mask; the rest (the sequence's last
+    # tile, the diagonal) with one.
     hi = seq_len
+    full = (seq_len // BLOCK_N) * BLOCK_N
     if is_causal:
         hi = tl.minimum(seq_len, start_m + BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < seq_len
-        kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(K + (row0 + offs_n[:, None]) * stride_kt + h * stride_kh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(V + (row0 + offs_n[:, None]) * stride_vt + h * stride_vh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        if has_bias:
-            bias = tl.load(Bias + (row0 + offs_n) * stride_bt + h * stride_bh, mask=n_valid, other=0.0)
-            s += bias.to(tl.float32)[None, :] * 1.4426950408889634
-        valid = n_valid[None, :] & ((offs_n[None, :] <= offs_m[:, None]) | (is_causal == 0))
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no finite logit yet
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-        m_i = m_new
+        full = tl.minimum(full, ((start_m + 1) // BLOCK_N) * BLOCK_N)
+    acc, l_i, m_i = _fwd_tiles(
+        acc, l_i, m_i, q, K, V, Bias, row0, h, offs_m, offs_d, d_valid, 0, full, seq_len,
+        stride_kt, stride_kh, stride_vt, stride_vh, stride_bt, stride_bh, qk_scale, has_bias, is_causal,
+        BLOCK_N, UPCAST, DOT_PREC, False,
+    )
+    acc, l_i, m_i = _fwd_tiles(
+        acc, l_i, m_i, q, K, V, Bias, row0, h, offs_m, offs_d, d_valid, full, hi, seq_len,
+        stride_kt, stride_kh, stride_vt, stride_vh, stride_bt, stride_bh, qk_scale, has_bias, is_causal,
+        BLOCK_N, UPCAST, DOT_PREC, True,
+    )
 
     has_mass = l_i > 0.0
     l_safe = tl.where(has_mass, l_i, 1.0)
@@ -140,7 +174,7 @@ def _bwd_dkdv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_bt, stride_bh, stride_dot, stride_doh, stride_lt, stride_lh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    H, BH, D, scale, qk_scale,
+    H, BH, total, D, scale, qk_scale,
     has_bias, is_causal,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -153,6 +187,8 @@ def _bwd_dkdv_kernel(
     h = pid_bh % H
     seq_start = tl.load(CuSeqlens + b)
     seq_len = tl.load(CuSeqlens + b + 1) - seq_start
+    if (seq_start < 0) | (seq_len < 0) | (seq_start.to(tl.int64) + seq_len > total):
+        return  # malformed cu_seqlens (value checks off): never touch rows outside [0, total)
     start_n = pid_n * BLOCK_N
     if start_n >= seq_len:
         return
@@ -220,7 +256,7 @@ def _bwd_dq_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_bt, stride_bh, stride_dot, stride_doh, stride_lt, stride_lh,
     stride_dqt, stride_dqh,
-    H, BH, D, scale, qk_scale,
+    H, BH, total, D, scale, qk_scale,
     has_bias, is_causal,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -233,6 +269,8 @@ def _bwd_dq_kernel(
     h = pid_bh % H
     seq_start = tl.load(CuSeqlens + b)
     seq_len = tl.load(CuSeqlens + b + 1) - seq_start
+    if (seq_start < 0) | (seq_len < 0) | (seq_start.to(tl.int64) + seq_len > total):
+        return  # malformed cu_seqlens (value checks off): never touch rows outside [0, total)
     start_m = pid_m * BLOCK_M
     if start_m >= seq_len:
         return
@@ -304,8 +342,14 @@ def _block_d(d: int) -> int:
 _CFG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
 
-def _fwd_config(dtype: torch.dtype, block_d: int, prec: str) -> dict:
-    """Forward tiles (BLOCK_M queries x BLOCK_N keys), warps and pipeline stages, from dtype and head dim.
+# Sequences up to this long (e.g. ~140 tokens after pruning) take 64-query tiles in the 16-bit
+# forward: with 128, ~45% of the tensor-core work on such sequences is tail padding.
+_SHORT_SEQ = 192
+
+
+def _fwd_config(dtype: torch.dtype, block_d: int, prec: str, max_seqlen: int = 1 << 30) -> dict:
+    """Forward tiles (BLOCK_M queries x BLOCK_N keys), warps and pipeline stages, from dtype, head
+    dim and (for 16-bit inputs) the longest sequence.
 
     fp32 tiles take twice the shared memory of fp16/bf16 ones; d = 256 gets narrower key tiles so
     that the pipelined K/V buffers fit sm_80's 163 KiB. IEEE fp32 dots run on CUDA cores (FMA), where
@@ -313,6 +357,8 @@ def _fwd_config(dtype: torch.dtype, block_d: int, prec: str) -> dict:
     """
     if prec == "ieee":
         cfg = (32, 32, 4, 2)
+    elif dtype != torch.float32 and max_seqlen <= _SHORT_SEQ and block_d <= 128:
+        cfg = (64, 64, 4, 3)
     elif dtype != torch.float32:
         cfg = {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}[block_d]
     else:  # tf32
@@ -332,8 +378,9 @@ def _bwd_config(dtype: torch.dtype, block_d: int, prec: str) -> dict:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: IEEE fp32 dots unless the user allowed TF32 in PyTorch (as torch.matmul does).
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    # fp32 inputs: IEEE fp32 dots unless the user allowed TF32 in PyTorch (as torch.matmul does),
+    # through the current fp32_precision API or the legacy allow_tf32.
+    if dtype == torch.float32 and not fp32_dots_allow_tf32():
         return "ieee"
     return "tf32"
 
@@ -381,14 +428,14 @@ def varlen_attention_forward(
     cu = cu_seqlens.to(torch.int32).contiguous()
     block_d = _block_d(D)
     prec = _dot_precision(q.dtype)
-    cfg = _fwd_config(q.dtype, block_d, prec)
+    cfg = _fwd_config(q.dtype, block_d, prec, max_seqlen)
     bias, sbt, sbh = _bias_args(key_bias, q)
     grid = _bh_grid(triton.cdiv(max_seqlen, cfg["BLOCK_M"]), B * H)
     _fwd_kernel[grid](
         q, k, v, bias, out, lse, cu,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), sbt, sbh, lse.stride(0), lse.stride(1),
-        H, B * H, D, scale * _LOG2E,
+        H, B * H, total, D, scale * _LOG2E,
         int(key_bias is not None), int(causal),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d,
         UPCAST=_interpret(), DOT_PREC=prec,
@@ -450,12 +497,12 @@ def varlen_attention_backward(
     _bwd_dkdv_kernel[_bh_grid(triton.cdiv(max_seqlen, cfg["BLOCK_N"]), B * H)](
         q, k, v, bias, grad, lse, delta, dk, dv, q if dbias is None else dbias, cu,
         *strides_in, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        H, B * H, D, scale, scale * _LOG2E, *flags, **common,
+        H, B * H, total, D, scale, scale * _LOG2E, *flags, **common,
     )
     _bwd_dq_kernel[_bh_grid(triton.cdiv(max_seqlen, cfg["BLOCK_M"]), B * H)](
         q, k, v, bias, grad, lse, delta, dq, cu,
         *strides_in, dq.stride(0), dq.stride(1),
-        H, B * H, D, scale, scale * _LOG2E, *flags, **common,
+        H, B * H, total, D, scale, scale * _LOG2E, *flags, **common,
     )
     if dbias is not None:
         dbias = (dbias if key_bias.dim() == 2 else dbias.sum(dim=1)).to(key_bias.dtype)
@@ -486,14 +533,15 @@ def compile_cases() -> Iterator[tuple]:
             )
             for prec in precs:
                 flags = {"BLOCK_D": block_d, "UPCAST": False, "DOT_PREC": prec}
-                cfg = _fwd_config(dtype, block_d, prec)
-                yield _case(
-                    _fwd_kernel,
-                    {"Q": t, "K": t, "V": t, "Bias": t, "Out": t, "Lse": "*fp32", "CuSeqlens": "*i32"},
-                    dict.fromkeys(_int_args(_fwd_kernel), i32) | {"qk_scale": f32},
-                    dict(flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"]),
-                    {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
-                )
+                fwd_cfgs = {tuple(_fwd_config(dtype, block_d, prec, n).items()) for n in (_SHORT_SEQ, 1 << 30)}
+                for cfg in map(dict, sorted(fwd_cfgs)):
+                    yield _case(
+                        _fwd_kernel,
+                        {"Q": t, "K": t, "V": t, "Bias": t, "Out": t, "Lse": "*fp32", "CuSeqlens": "*i32"},
+                        dict.fromkeys(_int_args(_fwd_kernel), i32) | {"qk_scale": f32},
+                        dict(flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"]),
+                        {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+                    )
                 cfg = _bwd_config(dtype, block_d, prec)
                 ptrs = {"Q": t, "K": t, "V": t, "Bias": t, "DO": t, "Lse": "*fp32", "Delta": "*fp32",
                         "CuSeqlens": "*i32"}
@@ -509,7 +557,7 @@ def compile_cases() -> Iterator[tuple]:
 
 
 def _int_args(kernel) -> list[str]:
-    return [n for n in kernel.arg_names if n.startswith("stride_") or n in ("H", "BH", "D", "has_bias", "is_causal")]
+    return [n for n in kernel.arg_names if n.startswith("stride_") or n in ("H", "BH", "total", "D", "has_bias", "is_causal")]
 
 
 def _case(kernel, ptrs: dict, scalars: dict, constexprs: dict, options: dict) -> tuple:

@@ -78,12 +78,27 @@ void store(T* dst, const float* src, int64_t n) {
   }
 }
 
+// Order-preserving uint32 image of an fp32 score (as csrc/cuda/select.cu): -0.0 ties +0.0, and
+// every NaN, of either sign, ranks above +inf as torch.sort ranks it. Comparing keys instead of
+// floats also gives std::nth_element the strict weak order it needs when a NaN gets through
+// (value checks off): float `>` with a NaN does not, and is undefined behaviour there.
+inline uint32_t order_key(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0xffffffffu;
+  if ((u & 0x7fffffffu) == 0u) u = 0u;
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
 // Columns 0..n-1 of one row; afterwards the first k are the row's top k (contract order), in
 // index order or, with by_score, in descending score.
 void rank_top_k(const float* s, int64_t n, int64_t k, bool by_score, std::vector<int64_t>& cols) {
   cols.resize(n);
   std::iota(cols.begin(), cols.end(), 0);
-  auto before = [s](int64_t a, int64_t b) { return s[a] > s[b] || (s[a] == s[b] && a < b); };
+  auto before = [s](int64_t a, int64_t b) {
+    const uint32_t ka = order_key(s[a]), kb = order_key(s[b]);
+    return ka > kb || (ka == kb && a < b);
+  };
   if (k > 0 && k < n) std::nth_element(cols.begin(), cols.begin() + (k - 1), cols.end(), before);
   if (by_score) {
     std::sort(cols.begin(), cols.begin() + k, before);

@@ -56,9 +56,14 @@ constexpr int kBwdThreads = 32 * kBwdWarps;
 constexpr int64_t kMaxGridY = 65535;
 
 // Order-preserving uint32 image of an fp32 score: a > b as floats <=> key(a) > key(b); -0.0 and
-// +0.0 get the same key.
+// +0.0 get the same key. Every NaN, whatever its sign and payload, gets the largest key (above
+// +inf), so NaNs rank first and tie among themselves (lower index first), as torch.sort and the
+// reference rank them. Without this, a NaN with the sign bit set (-NaN, e.g. from 0 * -inf)
+// would rank last. Only reachable when value checks are off (direct torch.ops calls, or
+// bus_kernels.set_value_checks(False)).
 __device__ __forceinline__ uint32_t order_key(float f) {
   uint32_t u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0xffffffffu;
   if ((u & 0x7fffffffu) == 0u) u = 0u;
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }

@@ -1,8 +1,12 @@
 // ATen wrappers of the CUDA select_tokens / select_tokens_varlen kernels (select.cu), forward and
 // backward. Every argument is checked here, so that a direct call through
-// torch.ops.bus_kernels_C.* cannot make a kernel touch memory outside its tensors. The varlen
-// wrappers read keep and cu_seqlens on the host (one small device-to-host copy) to validate
-// them and to size the outputs; the kernels also bounds-check every row they write.
+// torch.ops.bus_kernels_C.* cannot make a kernel touch memory outside its tensors. Nothing here
+// reads tensor values on the host by default (no device sync, CUDA-graph capturable): the
+// varlen outputs are sized from `total` (forward) or from grad / indices (backward), and the
+// kernels skip any row whose keep / cu_seqlens would leave the buffers (row_layout in
+// select.cu), so malformed values cannot touch memory outside the tensors. With value checks on
+// (bus_kernels.set_value_checks(True), cuda_value_checks()) keep and cu_seqlens are also
+// copied to the host and validated, with an error naming the bad entry.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -67,11 +71,8 @@ int64_t check_x_scores(const char* op, const at::Tensor& x, const at::Tensor& sc
   return n;
 }
 
-// keep int64 [B] and cu_seqlens int32 [B+1], read on the host: 0 <= keep[b] <= n, cu_seqlens
-// starts at 0 and row b has num_prefix + keep[b] + has_fuse rows. Returns (total, keep.sum()).
-std::pair<int64_t, int64_t> check_varlen_layout(const char* op, const at::Tensor& x, const at::Tensor& keep,
-                                                const at::Tensor& cu_seqlens, int64_t n, int64_t num_prefix,
-                                                bool has_fuse) {
+// keep int64 [B] and cu_seqlens int32 [B+1]: device, dtype and shape (no sync).
+void check_varlen_meta(const char* op, const at::Tensor& x, const at::Tensor& keep, const at::Tensor& cu_seqlens) {
   const int64_t B = x.size(0);
   check_cuda(op, "keep", keep, x.device());
   TORCH_CHECK(keep.dim() == 1 && keep.size(0) == B, op, ": keep must be [B=", B, "], got ", keep.sizes());
@@ -79,21 +80,35 @@ std::pair<int64_t, int64_t> check_varlen_layout(const char* op, const at::Tensor
   check_cu_seqlens_meta(op, cu_seqlens, x);
   TORCH_CHECK(cu_seqlens.numel() == B + 1, op, ": cu_seqlens must have B+1=", B + 1, " entries, got ",
               cu_seqlens.numel());
+}
+
+// Value checks (value checks on only: one device-to-host copy of keep and cu_seqlens, a sync):
+// 0 <= keep[b] <= n, cu_seqlens starts at 0, row b has num_prefix + keep[b] + has_fuse rows and
+// the last ends at `total`.
+void check_varlen_values(const char* op, const at::Tensor& x, const at::Tensor& keep, const at::Tensor& cu_seqlens,
+                         int64_t n, int64_t num_prefix, bool has_fuse, int64_t total) {
+  const int64_t B = x.size(0);
   const at::Tensor keep_h = keep.to(at::kCPU).contiguous();
   const at::Tensor cu_h = cu_seqlens.to(at::kCPU).contiguous();
   const int64_t* kp = keep_h.data_ptr<int64_t>();
   const int32_t* cp = cu_h.data_ptr<int32_t>();
   TORCH_CHECK(cp[0] == 0, op, ": cu_seqlens must start at 0, got ", cp[0]);
-  int64_t kept = 0;
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(kp[b] >= 0 && kp[b] <= n, op, ": keep[", b, "]=", kp[b], " must be in [0, N - num_prefix=", n, "]");
     const int64_t len = int64_t(cp[b + 1]) - cp[b];
     const int64_t want = num_prefix + kp[b] + (has_fuse ? 1 : 0);
     TORCH_CHECK(len == want, op, ": sequence ", b, " has cu_seqlens length ", len, ", expected num_prefix + keep[b]",
                 has_fuse ? " + 1" : "", " = ", want);
-    kept += kp[b];
   }
-  return {int64_t(cp[B]), kept};
+  TORCH_CHECK(int64_t(cp[B]) == total, op, ": cu_seqlens must end at total=", total, ", got ", cp[B]);
+}
+
+// Entries of indices implied by total rows: total - B * (num_prefix + has_fuse), checked >= 0.
+int64_t kept_from_total(const char* op, int64_t total, int64_t B, int64_t num_prefix, bool has_fuse) {
+  const int64_t extra = num_prefix + (has_fuse ? 1 : 0);
+  TORCH_CHECK(total >= B * extra, op, ": total=", total, " is smaller than B * (num_prefix + fused token) = ",
+              B * extra);
+  return total - B * extra;
 }
 
 SelectShape make_shape(const at::Tensor& x, const at::Tensor& scores, int64_t num_prefix, int64_t k, int fuse,
@@ -200,8 +215,9 @@ std::tuple<at::Tensor, at::Tensor> select_tokens_varlen_cuda(const at::Tensor& x
   const int64_t n = check_x_scores(op, x_in, scores_in, num_prefix);
   const int f = fuse_code(op, fuse);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const auto [cu_total, kept] = check_varlen_layout(op, x_in, keep_in, cu_in, n, num_prefix, f != 0);
-  TORCH_CHECK(cu_total == total, op, ": cu_seqlens must end at total=", total, ", got ", cu_total);
+  check_varlen_meta(op, x_in, keep_in, cu_in);
+  const int64_t kept = kept_from_total(op, total, x_in.size(0), num_prefix, f != 0);
+  if (cuda_value_checks()) check_varlen_values(op, x_in, keep_in, cu_in, n, num_prefix, f != 0, total);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor scores = scores_in.contiguous();
   const at::Tensor keep = keep_in.contiguous();
@@ -229,15 +245,20 @@ std::tuple<at::Tensor, at::Tensor> select_tokens_varlen_backward_cuda(
   const int f = fuse_code(op, fuse);
   const int64_t D = x_in.size(2);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const auto [total, kept] = check_varlen_layout(op, x_in, keep_in, cu_in, n, num_prefix, f != 0);
-  check_cuda(op, "indices", indices_in, x_in.device());
-  TORCH_CHECK(indices_in.scalar_type() == at::kLong, op, ": indices must be int64, got ", indices_in.scalar_type());
-  TORCH_CHECK(indices_in.dim() == 1 && indices_in.size(0) == kept, op, ": indices must be [keep.sum()=", kept,
-              "], got ", indices_in.sizes());
+  check_varlen_meta(op, x_in, keep_in, cu_in);
   check_cuda(op, "grad", grad_in, x_in.device());
   TORCH_CHECK(at::isFloatingType(grad_in.scalar_type()), op, ": grad must be floating, got ", grad_in.scalar_type());
-  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == total && grad_in.size(1) == D, op, ": grad must be [total=",
-              total, ", D=", D, "], got ", grad_in.sizes());
+  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(1) == D, op, ": grad must be [total, D=", D, "], got ",
+              grad_in.sizes());
+  // The sizes come from the tensors (no sync): total rows of grad, keep.sum() entries of indices.
+  const int64_t total = grad_in.size(0);
+  const int64_t kept = kept_from_total(op, total, x_in.size(0), num_prefix, f != 0);
+  check_cuda(op, "indices", indices_in, x_in.device());
+  TORCH_CHECK(indices_in.scalar_type() == at::kLong, op, ": indices must be int64, got ", indices_in.scalar_type());
+  TORCH_CHECK(indices_in.dim() == 1 && indices_in.size(0) == kept, op,
+              ": indices must be [keep.sum() = total - B * (num_prefix + fused)=", kept, "], got ",
+              indices_in.sizes());
+  if (cuda_value_checks()) check_varlen_values(op, x_in, keep_in, cu_in, n, num_prefix, f != 0, total);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor scores = scores_in.contiguous();
   const at::Tensor indices = indices_in.contiguous();
