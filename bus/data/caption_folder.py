@@ -53,6 +53,69 @@ def _parse_boxes(raw: Any, width: int, height: int) -> Tuple[Optional[List[List[
     return out, None
 
 
+def _read_meta(captions_json: str) -> Dict[str, Any]:
+    with open(captions_json, "r", encoding="utf-8") as f:
+        meta = json.load(f)
+    if not isinstance(meta, dict) or not isinstance(meta.get("annotations"), list) \
+            or not isinstance(meta.get("images"), list):
+        raise ValueError(f"{captions_json}: expected an object with 'images' and 'annotations' lists")
+    return meta
+
+
+def _index_images(entries: List[Any]) -> Tuple[Dict[int, Any], List[str]]:
+    """``({id: entry}, reasons for the entries left out)``: each needs an int ``id`` and a
+    non-empty ``file_name``; the first entry of a duplicated id wins."""
+    images: Dict[int, Any] = {}
+    bad: List[str] = []
+    for k, im in enumerate(entries):
+        if not isinstance(im, dict) or not _is_int(im.get("id")) \
+                or not isinstance(im.get("file_name"), str) or not im["file_name"]:
+            bad.append(f"images[{k}]: needs an int 'id' and a non-empty 'file_name'")
+        elif im["id"] in images:
+            bad.append(f"images[{k}]: duplicate id {im['id']} (first entry kept)")
+        else:
+            images[im["id"]] = im
+    return images, bad
+
+
+def _image_header(image_id: int, path: str) -> Tuple[Optional[Tuple[str, int, int]], Optional[str]]:
+    """``((path, width, height), None)`` if the file exists and its header parses, else
+    ``(None, reason)``."""
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        return None, f"image {image_id}: file not found: {path}"
+    try:
+        with Image.open(path) as pil:  # reads the header only
+            w, h = pil.size
+        return (path, w, h), None
+    except Exception as e:  # PIL raises several types for bad files
+        return None, f"image {image_id}: unreadable ({type(e).__name__}: {e})"
+
+
+def _check_annotation(ann: Any, images: Dict[int, Any], check_image) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """``(record, None)`` for a usable annotation, else ``(None, reason)``."""
+    if not isinstance(ann, dict):
+        return None, "not an object"
+    if not _is_int(ann.get("image_id")):
+        return None, f"missing or non-int image_id {ann.get('image_id')!r:.40}"
+    if ann["image_id"] not in images:
+        return None, f"unknown image_id {ann['image_id']}"
+    if not isinstance(ann.get("caption"), str) or not ann["caption"].strip():
+        return None, f"missing or empty caption for image {ann['image_id']}"
+    info, reason = check_image(ann["image_id"])
+    if reason is not None:
+        return None, reason
+    path, w, h = info
+    boxes = None
+    if ann.get("boxes"):
+        boxes, reason = _parse_boxes(ann["boxes"], w, h)
+        if reason is not None:
+            return None, reason
+    return {"path": path, "image_id": ann["image_id"], "caption": ann["caption"].strip(), "boxes": boxes,
+            "size": (w, h)}, None
+
+
 class CaptionFolder(Dataset):
     """Image-caption pairs from a local folder and a COCO-style captions JSON.
 
@@ -85,74 +148,29 @@ class CaptionFolder(Dataset):
     MAX_REASONS = 5
 
     def __init__(self, root: str, captions_json: str, *, image_size: int = 224, patch_size: int = 16) -> None:
-        from PIL import Image
-
         _check_geometry(image_size, patch_size)
         self.root = os.fspath(root)
         self.image_size = int(image_size)
         self.patch_size = int(patch_size)
-        with open(captions_json, "r", encoding="utf-8") as f:
-            meta = json.load(f)
-        if not isinstance(meta, dict) or not isinstance(meta.get("annotations"), list) \
-                or not isinstance(meta.get("images"), list):
-            raise ValueError(f"{captions_json}: expected an object with 'images' and 'annotations' lists")
-
-        # Image entries are checked lazily, once per id, and only for ids an annotation uses:
+        meta = _read_meta(captions_json)
+        images, bad_image_entries = _index_images(meta["images"])
+        # Image headers are read lazily, once per id, and only for ids an annotation uses:
         # opening headers of unreferenced files would be wasted I/O on large folders.
-        images: Dict[int, Any] = {}
-        bad_image_entries: List[str] = []
-        for k, im in enumerate(meta["images"]):
-            if not isinstance(im, dict) or not _is_int(im.get("id")) \
-                    or not isinstance(im.get("file_name"), str) or not im["file_name"]:
-                bad_image_entries.append(f"images[{k}]: needs an int 'id' and a non-empty 'file_name'")
-                continue
-            if im["id"] in images:
-                bad_image_entries.append(f"images[{k}]: duplicate id {im['id']} (first entry kept)")
-                continue
-            images[im["id"]] = im
         checked: Dict[int, Tuple[Optional[Tuple[str, int, int]], Optional[str]]] = {}
 
         def check_image(image_id: int):
             if image_id not in checked:
-                im = images[image_id]
-                path = os.path.join(self.root, im["file_name"])
-                if not os.path.isfile(path):
-                    checked[image_id] = (None, f"image {image_id}: file not found: {path}")
-                else:
-                    try:
-                        with Image.open(path) as pil:  # reads the header only
-                            w, h = pil.size
-                        checked[image_id] = ((path, w, h), None)
-                    except Exception as e:  # PIL raises several types for bad files
-                        checked[image_id] = (None, f"image {image_id}: unreadable ({type(e).__name__}: {e})")
+                checked[image_id] = _image_header(image_id, os.path.join(self.root, images[image_id]["file_name"]))
             return checked[image_id]
 
         self.records: List[Dict[str, Any]] = []
         self.skipped: List[Tuple[int, str]] = []
         for k, ann in enumerate(meta["annotations"]):
-            reason = None
-            if not isinstance(ann, dict):
-                reason = "not an object"
-            elif not _is_int(ann.get("image_id")):
-                reason = f"missing or non-int image_id {ann.get('image_id')!r:.40}"
-            elif ann["image_id"] not in images:
-                reason = f"unknown image_id {ann['image_id']}"
-            elif not isinstance(ann.get("caption"), str) or not ann["caption"].strip():
-                reason = f"missing or empty caption for image {ann['image_id']}"
-            if reason is None:
-                info, reason = check_image(ann["image_id"])
-            boxes = None
-            if reason is None and ann.get("boxes"):
-                path, w, h = info
-                boxes, reason = _parse_boxes(ann["boxes"], w, h)
+            record, reason = _check_annotation(ann, images, check_image)
             if reason is not None:
                 self.skipped.append((k, f"annotations[{k}]: {reason}"))
-                continue
-            path, w, h = info
-            self.records.append(
-                {"path": path, "image_id": ann["image_id"], "caption": ann["caption"].strip(),
-                 "boxes": boxes, "size": (w, h)}
-            )
+            else:
+                self.records.append(record)
 
         if self.skipped or bad_image_entries:
             reasons = bad_image_entries + [r for _, r in self.skipped]
