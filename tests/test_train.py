@@ -171,3 +171,57 @@ def test_resume_refuses_checkpoint_with_old_ptm_heads(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(TINY + common + ["--steps", "2", "--resume", "auto"])
     assert "per-patch PTM heads" in capsys.readouterr().err
+
+
+def test_preset_flag_builds_the_named_config(tmp_path):
+    """--preset NAME starts from BUSConfig.NAME(); overrides still apply; absent = --size as before."""
+    from bus.model import BUSConfig
+
+    cfg = parse_config(["--preset", "tiny", "--model-arg", "text_layers=1", "--keep", "0.5"])
+    assert cfg.model_config(50) == BUSConfig.tiny(text_layers=1, keep=0.5, vocab_size=50)
+    assert parse_config(["--preset", "base"]).model_config(50) == BUSConfig(vocab_size=50)
+    assert parse_config([]).model_config(50) == BUSConfig.tiny(vocab_size=50)  # default unchanged
+    assert parse_config(["--size", "base"]).model_config(50) == BUSConfig(vocab_size=50)
+    # A YAML size gives way to a --preset flag, and a YAML preset to a --size flag.
+    f = tmp_path / "c.yaml"
+    f.write_text("size: base\n")
+    assert parse_config(["--config", str(f), "--preset", "tiny"]).model_config(9) == BUSConfig.tiny(vocab_size=9)
+    f.write_text("preset: base\n")
+    assert parse_config(["--config", str(f), "--size", "tiny"]).model_config(9) == BUSConfig.tiny(vocab_size=9)
+
+
+def test_preset_resolves_presets_added_to_busconfig(monkeypatch):
+    """Presets are found by name on BUSConfig, so one added later (paper, paper_tiny) works as is."""
+    from bus.model import BUSConfig
+    from bus.training.config import available_presets
+
+    assert {"base", "tiny"} <= set(available_presets())
+    monkeypatch.setattr(BUSConfig, "paper_tiny", classmethod(lambda cls, **kw: cls.tiny(fusion_layers=3, **kw)),
+                        raising=False)
+    monkeypatch.setattr(BUSConfig, "from_blob", classmethod(lambda cls, blob: cls()), raising=False)
+    names = available_presets()
+    assert "paper_tiny" in names and "from_blob" not in names  # a constructor needing an argument is no preset
+    assert parse_config(["--preset", "paper_tiny"]).model_config(7) == BUSConfig.tiny(fusion_layers=3, vocab_size=7)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "huge"], "--preset 'huge': no such BUSConfig preset; available: base, tiny"),
+    (["--preset", "tiny", "--size", "base"], "--preset and --size both name the model's size"),
+])
+def test_bad_preset_gives_clear_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_preset_trains_and_is_recorded(tmp_path):
+    import yaml
+
+    out = str(tmp_path / "p")
+    argv = ["--preset" if a == "--size" else a for a in TINY]
+    s = main(argv + ["--out", out, "--steps", "2", "--batch-size", "4", "--train-samples", "8", "--val-samples", "4",
+                     "--viz-samples", "0", "--eval-every", "0"])
+    assert s["steps"] == 2
+    with open(os.path.join(out, "config.yaml")) as f:
+        assert yaml.safe_load(f)["train"]["preset"] == "tiny"
