@@ -34,12 +34,13 @@ def model(bus=True, seed=0, **over):
     return BUSModel(BUSConfig.paper_tiny(vocab_size=VOCAB, **over), bus=bus).train()
 
 
-CASES = [(True, "text", 0), (True, "text", 2), (True, "image", 0), (False, "text", 0)]
+CASES = [(True, "text", {}), (True, "text", dict(text_guided_from=2, itc_on="stem")),
+         (True, "text", dict(itm_negatives="reuse")), (True, "image", {}), (False, "text", {})]
 
 
-@pytest.mark.parametrize("bus,guidance,from_", CASES)
-def test_every_loss_reaches_its_parameters(bus, guidance, from_):
-    m = model(bus, guidance=guidance, text_guided_from=from_)
+@pytest.mark.parametrize("bus,guidance,over", CASES)
+def test_every_loss_reaches_its_parameters(bus, guidance, over):
+    m = model(bus, guidance=guidance, **over)
     assert isinstance(m, MPLUGModel)
     losses = m(make_batch())
     assert set(losses) == {"itc", "itm", "mlm", "lm", "ptm", "loss"}
@@ -98,11 +99,12 @@ def test_momentum_update_is_the_exact_ema():
 
 def test_feature_queue_ring_buffer():
     q = L.FeatureQueue(5, 2)
-    assert q.features()[0].shape == (0, 2)
+    assert not q.features()[2].any()
     a = torch.arange(6.0).reshape(3, 2)
     q.enqueue(a, -a)
-    img, txt = q.features()
-    assert torch.equal(img, a) and torch.equal(txt, -a) and int(q.ptr) == 3 and int(q.filled) == 3
+    img, txt, valid = q.features()
+    assert valid.tolist() == [True] * 3 + [False] * 2
+    assert torch.equal(img[:3], a) and torch.equal(txt[:3], -a) and int(q.ptr) == 3 and int(q.filled) == 3
     b = torch.arange(6.0, 12.0).reshape(3, 2)
     q.enqueue(b, -b)  # wraps: slots 3, 4, 0
     assert int(q.ptr) == 1 and int(q.filled) == 5
@@ -134,11 +136,11 @@ def test_itc_distill_loss_by_hand():
     B, Q, E = 3, 4, 8
     n = lambda t: torch.nn.functional.normalize(t, dim=-1)  # noqa: E731
     img, txt, img_m, txt_m = (n(torch.randn(B, E)) for _ in range(4))
-    q = L.FeatureQueue(Q, E)
+    q = L.FeatureQueue(Q + 2, E)  # two slots still empty: they must not count
     q.enqueue(n(torch.randn(Q, E)), n(torch.randn(Q, E)))
     scale, alpha = torch.tensor(5.0), 0.4
     loss, sim = L.itc_distill_loss(img, txt, img_m, txt_m, q, scale, alpha)
-    img_all, txt_all = torch.cat([img_m, q.image]), torch.cat([txt_m, q.text])
+    img_all, txt_all = torch.cat([img_m, q.image[:Q]]), torch.cat([txt_m, q.text[:Q]])
     total = 0.0
     for a, a_m, other in ((img, img_m, txt_all), (txt, txt_m, img_all)):
         for b in range(B):
@@ -147,6 +149,9 @@ def test_itc_distill_loss_by_hand():
             target = alpha * torch.softmax(scale * a_m[b] @ other.t(), 0) + (1 - alpha) * onehot
             total = total - (torch.log_softmax(scale * a[b] @ other.t(), 0) * target).sum() / B
     torch.testing.assert_close(loss, total / 2)
+    img.requires_grad_(True)
+    L.itc_distill_loss(img, txt, img_m, txt_m, q, scale, alpha)[0].backward()
+    assert torch.isfinite(img.grad).all()
     torch.testing.assert_close(sim, scale * img @ txt_m.t())
     # alpha = 0 and an empty queue: in-batch cross-entropy
     loss0, _ = L.itc_distill_loss(img, txt, img_m, txt_m, L.FeatureQueue(0, E), scale, 0.0)
@@ -202,11 +207,12 @@ def test_prefix_split():
             assert (p_ids[b][p_mask[b] == 0] == 0).all() and (d_ids[b][d_mask[b] == 0] == 0).all()
 
 
-def test_retrieval_embedding_is_text_free():
+@pytest.mark.parametrize("over", [{}, dict(text_guided_from=1, itc_on="stem"), dict(itm_negatives="reuse")])
+def test_retrieval_embedding_is_text_free(over):
     """The ITC / retrieval image feature never sees a caption: in training its input (the ViT's
     CLS-guided [CLS] token) is the same whatever the batch's captions, equals image_embedding's,
     while the visual tokens the fusion gets do change with the caption (text guidance)."""
-    m = model(guidance="text").eval()  # eval: no dropout, no momentum update, deterministic
+    m = model(guidance="text", **over).eval()  # eval: no dropout, no momentum update, deterministic
     seen = []
     h = m.vision_proj.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach().clone()))
     a, b = make_batch(seed=0), make_batch(seed=0)
@@ -217,7 +223,7 @@ def test_retrieval_embedding_is_text_free():
         torch.manual_seed(0)
         with torch.no_grad():
             m(batch)
-        guided.append(m.vision.pruning_state().records[0]["scores"].clone())
+        guided.append(m.vision.pruning_state().records[-1]["scores"].clone())
     with torch.no_grad():
         emb = m.image_embedding(a["images"])
     h.remove()
@@ -226,7 +232,8 @@ def test_retrieval_embedding_is_text_free():
     torch.testing.assert_close(emb, torch.nn.functional.normalize(m.vision_proj(seen[0]), dim=-1))
     # the captions did steer the selector of the fusion's tokens (at random init a text [CLS]
     # barely depends on the words, so the relevance, not yet the choice, is what differs)
-    assert guided[0].shape == (12, 16) and (guided[0] - guided[1]).abs().max() > 1e-6
+    rows = 4 if over.get("itm_negatives") == "reuse" else 12
+    assert guided[0].shape[0] == rows and (guided[0] - guided[1]).abs().max() > 1e-6
 
 
 def test_fusion_connected_layer_updates_the_visual_tokens():
@@ -311,7 +318,8 @@ def test_config_round_trip_deepcopy_and_bad_values():
     for bad, msg in [(dict(guidance="caption"), "guidance"), (dict(momentum=1.5), "momentum"),
                      (dict(mlm_prob=0.0), "mlm_prob"), (dict(text_guided_from=3), "text_guided_from"),
                      (dict(distill_alpha=-1), "distill_alpha"), (dict(connect_every=0), "connect_every"),
-                     (dict(text_guided_from=1, mass=0.7), "mass=None"), (dict(arch="other"), "arch")]:
+                     (dict(text_guided_from=1, mass=0.7), "mass=None"), (dict(arch="other"), "arch"),
+                     (dict(itm_negatives="x"), "itm_negatives"), (dict(itc_on="x"), "itc_on")]:
         with pytest.raises(ValueError, match=msg):
             BUSModel(BUSConfig.paper_tiny(vocab_size=VOCAB, **bad))
     with pytest.raises(ValueError, match="at least 2"):

@@ -69,6 +69,15 @@ class BUSConfig:
     # per caption-guided pass. 0: every TSPS layer text-guided (the paper); len(tsps_layers) - 1:
     # only the last one (cheapest). See bus/models/vision.py.
     text_guided_from: int = 0
+    # guidance="text": the visual tokens of ITM's negative pairs. "guided": each pair's image guided by
+    # the caption it is paired with (as itm_scores at evaluation; a rest pass over 3B rows). "reuse":
+    # one rest pass over the B positives, negatives reuse their image's tokens (ALBEF-style; B rows,
+    # but a negative's selection was steered by another caption, which ITM can learn to read).
+    itm_negatives: str = "guided"
+    # guidance="text": where the text-free ITC / retrieval feature comes from. "rest": a CLS-guided
+    # pass of the blocks after the stem (full depth). "stem": the stem's [CLS] (after the final
+    # norm), no extra pass; with text_guided_from = the last TSPS layer that is most of the ViT.
+    itc_on: str = "rest"
     # special token ids of the tokenizer (bus.data: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4)
     pad_token_id: int = 0
     cls_token_id: int = 2

@@ -31,7 +31,10 @@ def ptm_loss(records: Sequence[dict], patch_labels: Tensor, zero: Tensor, rows: 
     patch); ``patch_labels`` float [B, P] (1 named, 0 not, -1 unknown); ``rows``: use only the first
     ``rows`` (= B) rows of each record (a pass over more rows than images, e.g. ITM negatives).
     Returns a float32 scalar (``zero`` when no sample has a named patch)."""
-    terms = []
+    # No data-dependent branch (no host sync, shape-only tracing works): every layer yields its mean
+    # over the samples with a named patch and whether it had any; layers without any are left out.
+    values, has = [], []
+    tiny = torch.finfo(torch.float32).tiny  # only guards an exact 0; keeps the gradient otherwise
     for rec in records:
         ids, scores = rec["patch_ids"], rec["scores"].float()
         if rows is not None:
@@ -39,13 +42,15 @@ def ptm_loss(records: Sequence[dict], patch_labels: Tensor, zero: Tensor, rows: 
         labels = patch_labels.gather(1, ids.clamp(min=0))
         known = (ids >= 0) & (labels >= 0)
         pos = known & (labels > 0)
-        use = pos.any(dim=1)
-        if use.any():
-            mass_pos = (scores * pos).sum(dim=1)[use]
-            mass_known = (scores * known).sum(dim=1)[use]
-            tiny = torch.finfo(torch.float32).tiny  # only guards an exact 0; keeps the gradient otherwise
-            terms.append((mass_known.clamp(min=tiny).log() - mass_pos.clamp(min=tiny).log()).mean())
-    return torch.stack(terms).mean() if terms else zero
+        use = pos.any(dim=1).float()
+        per = (scores * known).sum(dim=1).clamp(min=tiny).log() - (scores * pos).sum(dim=1).clamp(min=tiny).log()
+        n = use.sum()
+        values.append((per * use).sum() / n.clamp(min=1))
+        has.append((n > 0).float())
+    if not values:
+        return zero
+    has_t = torch.stack(has)
+    return (torch.stack(values) * has_t).sum() / has_t.sum().clamp(min=1) + zero
 
 
 class FeatureQueue(nn.Module):
@@ -53,8 +58,9 @@ class FeatureQueue(nn.Module):
 
     Buffers (saved in the state dict, so resume continues with the same queue): ``image``,
     ``text`` float32 [size, dim], ``ptr`` (next slot) and ``filled`` (valid entries) int64 scalars.
-    Only the filled part is used, so the first steps contrast against fewer negatives instead of
-    random vectors."""
+    Only the filled entries count (the others are masked out of the softmax), so the first steps
+    contrast against fewer negatives instead of random vectors; shapes never depend on ``filled``
+    (no host sync per step)."""
 
     def __init__(self, size: int, dim: int):
         super().__init__()
@@ -66,10 +72,11 @@ class FeatureQueue(nn.Module):
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
 
-    def features(self) -> tuple[Tensor, Tensor]:
-        """The valid (image [n, dim], text [n, dim]) entries, n = filled (in slot order)."""
-        n = int(self.filled)
-        return self.image[:n], self.text[:n]
+    def features(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(image [size, dim], text [size, dim], valid bool [size]): every slot, and which are filled
+        (slots fill in order from 0, so the valid ones are the first ``filled``)."""
+        valid = torch.arange(self.size, device=self.image.device) < self.filled
+        return self.image, self.text, valid
 
     @torch.no_grad()
     def enqueue(self, image: Tensor, text: Tensor) -> None:
@@ -95,19 +102,23 @@ def itc_distill_loss(img: Tensor, txt: Tensor, img_m: Tensor, txt_m: Tensor, que
     features of the other modality. Targets: ``alpha`` * softmax of the momentum similarities +
     (1 - ``alpha``) * the one-hot positives. Returns (loss float32 scalar, in-batch online
     similarities image->text [B, B] for ITM hard negatives)."""
-    q_img, q_txt = queue.features()
+    q_img, q_txt, q_valid = queue.features()
     img_all = torch.cat([img_m, q_img.to(img_m.dtype)])
     txt_all = torch.cat([txt_m, q_txt.to(txt_m.dtype)])
     B = img.shape[0]
+    # empty slots: -inf logits (no probability, no gradient)
+    bias = torch.zeros(img_all.shape[0], device=img.device).masked_fill(
+        ~torch.cat([torch.ones(B, dtype=torch.bool, device=img.device), q_valid]), float("-inf"))
     with torch.no_grad():
         onehot = torch.zeros(B, img_all.shape[0], device=img.device)
         onehot[:, :B] = torch.eye(B, device=img.device)
-        t_i2t = alpha * (scale * img_m @ txt_all.t()).softmax(dim=1) + (1 - alpha) * onehot
-        t_t2i = alpha * (scale * txt_m @ img_all.t()).softmax(dim=1) + (1 - alpha) * onehot
-    sim_i2t = scale * img @ txt_all.t()
-    sim_t2i = scale * txt @ img_all.t()
-    loss_i2t = -(F.log_softmax(sim_i2t, dim=1) * t_i2t).sum(dim=1).mean()
-    loss_t2i = -(F.log_softmax(sim_t2i, dim=1) * t_t2i).sum(dim=1).mean()
+        t_i2t = alpha * (scale * img_m @ txt_all.t() + bias).softmax(dim=1) + (1 - alpha) * onehot
+        t_t2i = alpha * (scale * txt_m @ img_all.t() + bias).softmax(dim=1) + (1 - alpha) * onehot
+    sim_i2t = scale * img @ txt_all.t() + bias
+    sim_t2i = scale * txt @ img_all.t() + bias
+    # masked slots have target 0 and log-probability -inf: where() keeps 0 * -inf out of the sum
+    loss_i2t = -torch.where(t_i2t > 0, F.log_softmax(sim_i2t, dim=1) * t_i2t, 0.0).sum(dim=1).mean()
+    loss_t2i = -torch.where(t_t2i > 0, F.log_softmax(sim_t2i, dim=1) * t_t2i, 0.0).sum(dim=1).mean()
     return (loss_i2t + loss_t2i) / 2, sim_i2t[:, :B]
 
 
@@ -178,8 +189,7 @@ def prefix_split(ids: Tensor, attention_mask: Tensor, *, bos_id: int, pad_id: in
 
 def token_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean cross-entropy of ``logits`` [..., V] against ``labels`` [...] (-100 ignored), float32;
-    0 when no label is set."""
+    0 when no label is set (no data-dependent branch)."""
     labels = labels.reshape(-1)
-    if not (labels != -100).any():
-        return logits.float().sum() * 0.0
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels, ignore_index=-100)
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels, ignore_index=-100, reduction="sum")
+    return total / (labels != -100).sum().clamp(min=1)

@@ -65,6 +65,11 @@ class MPLUGModel(BUSModel):
         self.config, self.bus = config, bus
         self.use_tsps, self.use_pad = bus and config.tsps, bus and config.pad
         self.text_guided = self.use_tsps and config.guidance == "text"
+        if config.itm_negatives not in ("guided", "reuse"):
+            raise ValueError(f"BUSConfig.itm_negatives={config.itm_negatives!r} must be 'guided' or 'reuse'")
+        if config.itc_on not in ("rest", "stem"):
+            raise ValueError(f"BUSConfig.itc_on={config.itc_on!r} must be 'rest' or 'stem'")
+        self.itc_from_stem = self.text_guided and config.itc_on == "stem"
         if self.text_guided and config.mass is not None and config.text_guided_from > 0:
             raise ValueError("BUSConfig: guidance='text' with text_guided_from > 0 needs mass=None "
                              "(the stem's pruned tokens are re-batched per pair)")
@@ -81,8 +86,9 @@ class MPLUGModel(BUSModel):
         self.mlm_head = MLMHead(enc_cfg)
         # Text [CLS] -> the ViT's width for TSPS guidance, and visual tokens -> the text width for
         # the fusion (mPLUG's visn_fc + LayerNorm) when the widths differ.
-        self.guide_proj = nn.Linear(Dt, D) if Dt != D else nn.Identity()
-        self.visual_fc = nn.Sequential(nn.Linear(D, Dt), nn.LayerNorm(Dt, eps=1e-12)) if Dt != D else nn.Identity()
+        # (None, not nn.Identity, when equal: an Identity module confuses FLOP attribution by module)
+        self.guide_proj = nn.Linear(Dt, D) if Dt != D else None
+        self.visual_fc = nn.Sequential(nn.Linear(D, Dt), nn.LayerNorm(Dt, eps=1e-12)) if Dt != D else None
         self.vision_proj = nn.Linear(D, config.embed_dim)
         self.text_proj = nn.Linear(Dt, config.embed_dim)
         self.itm_head = nn.Linear(Dt, 2)
@@ -123,12 +129,20 @@ class MPLUGModel(BUSModel):
         return self.text(input_ids, attention_mask)
 
     def _guide(self, text_cls: Tensor) -> Tensor:
-        return self.guide_proj(text_cls)
+        return text_cls if self.guide_proj is None else self.guide_proj(text_cls)
+
+    def _free_cls(self, vision: "VisionTower", images: Tensor):
+        """The text-free ITC feature's input [B, D] (``itc_on``: after the stem or a CLS-guided rest),
+        plus the stem's (tokens, state) and the CLS-guided rest's (tokens, pad, state) or None."""
+        x, state = vision.stem(images)
+        if self.itc_from_stem:
+            return vision.stem_cls(x), x, state, None
+        free = vision.rest(x, state)
+        return free[0][:, 0], x, state, free
 
     def image_embedding(self, images: Tensor) -> Tensor:
         """Normalised ITC embeddings [B, embed_dim] from the text-free (CLS-guided) pass."""
-        tokens, _ = self.vision(images)
-        return F.normalize(self.vision_proj(tokens[:, 0]), dim=-1)
+        return F.normalize(self.vision_proj(self._free_cls(self.vision, images)[0]), dim=-1)
 
     def text_embedding(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return F.normalize(self.text_proj(self.encode_text(input_ids, attention_mask)[:, 0]), dim=-1)
@@ -136,7 +150,7 @@ class MPLUGModel(BUSModel):
     def _fuse_memory(self, tokens: Tensor, pad: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         mem, mem_pad = self.vision.memory(tokens, pad)
         valid = torch.ones(mem.shape[:2], dtype=torch.bool, device=mem.device) if mem_pad is None else ~mem_pad
-        return self.visual_fc(mem), valid
+        return (mem if self.visual_fc is None else self.visual_fc(mem)), valid
 
     def itm_scores(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Match probability [B] of each (image, caption) pair; in ``"text"`` mode the caption
@@ -158,12 +172,11 @@ class MPLUGModel(BUSModel):
         if self.training:
             self.momentum_update()
         text = self.encode_text(ids, am)
-        x, stem_state = self.vision.stem(images)
-        tokens_free, pad_free, free_state = self.vision.rest(x, stem_state)
-        img_feat = F.normalize(self.vision_proj(tokens_free[:, 0]).float(), dim=-1)
+        free_cls, x, stem_state, free = self._free_cls(self.vision, images)
+        img_feat = F.normalize(self.vision_proj(free_cls).float(), dim=-1)
         txt_feat = F.normalize(self.text_proj(text[:, 0]).float(), dim=-1)
         with torch.no_grad():
-            img_m = F.normalize(self.vision_proj_m(self.vision_m(images)[0][:, 0]).float(), dim=-1)
+            img_m = F.normalize(self.vision_proj_m(self._free_cls(self.vision_m, images)[0]).float(), dim=-1)
             txt_m = F.normalize(self.text_proj_m(self.text_m(ids, am)[:, 0]).float(), dim=-1)
         scale = self.logit_scale.exp().clamp(max=100.0)
         losses = {}
@@ -175,12 +188,17 @@ class MPLUGModel(BUSModel):
         neg_txt, neg_img = L.hard_negatives(sim_i2t.detach())
         ar = torch.arange(B, device=images.device)
         img_rows, txt_rows = torch.cat([ar, ar, neg_img]), torch.cat([ar, neg_txt, ar])
-        if self.text_guided:
+        if self.text_guided and cfg.itm_negatives == "guided":
             guide = self._guide(text[:, 0])[txt_rows]
             tokens, pad, state = self.vision.rest(x, stem_state, text=guide, rows=img_rows)
+            mem, mem_valid = self._fuse_memory(tokens, pad)
         else:
-            tokens, pad, state = tokens_free[img_rows], None if pad_free is None else pad_free[img_rows], free_state
-        mem, mem_valid = self._fuse_memory(tokens, pad)
+            if self.text_guided:  # "reuse": the B positives, each guided by its caption
+                tokens, pad, state = self.vision.rest(x, stem_state, text=self._guide(text[:, 0]))
+            else:
+                tokens, pad, state = free
+            mem, mem_valid = self._fuse_memory(tokens, pad)  # PAD once per image, then the rows
+            mem, mem_valid = mem[img_rows], mem_valid[img_rows]
         valid = am > 0
 
         _, fused = self.fusion(text[txt_rows], valid[txt_rows], mem, mem_valid)

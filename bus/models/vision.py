@@ -112,6 +112,10 @@ class VisionTower(nn.Module):
             pad_mask = torch.arange(x.shape[1], device=x.device)[None, :] >= state.lengths[:, None]
         return x, pad_mask, state
 
+    def stem_cls(self, x: Tensor) -> Tensor:
+        """The [CLS] of the stem's tokens after the ViT's final norm: [B, D]."""
+        return self.vit.norm(x[:, :1])[:, 0]
+
     def forward(self, images: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """The text-free (CLS-guided) pass: (tokens [B, N', D], key padding mask or None)."""
         x, state = self.stem(images)
