@@ -34,8 +34,9 @@ def model(bus=True, seed=0, **over):
     return BUSModel(BUSConfig.paper_tiny(vocab_size=VOCAB, **over), bus=bus).train()
 
 
-CASES = [(True, "text", {}), (True, "text", dict(text_guided_from=2, itc_on="stem")),
-         (True, "text", dict(itm_negatives="reuse")), (True, "image", {}), (False, "text", {})]
+PAPER = dict(text_guided_from=0, itc_on="rest", itm_negatives="guided")  # every TSPS layer text-guided
+CASES = [(True, "text", {}), (True, "text", PAPER), (True, "text", dict(itm_negatives="guided")),
+         (True, "text", dict(itc_on="rest")), (True, "image", {}), (False, "text", {})]
 
 
 @pytest.mark.parametrize("bus,guidance,over", CASES)
@@ -207,7 +208,7 @@ def test_prefix_split():
             assert (p_ids[b][p_mask[b] == 0] == 0).all() and (d_ids[b][d_mask[b] == 0] == 0).all()
 
 
-@pytest.mark.parametrize("over", [{}, dict(text_guided_from=1, itc_on="stem"), dict(itm_negatives="reuse")])
+@pytest.mark.parametrize("over", [{}, PAPER, dict(text_guided_from=1, itc_on="stem", itm_negatives="guided")])
 def test_retrieval_embedding_is_text_free(over):
     """The ITC / retrieval image feature never sees a caption: in training its input (the ViT's
     CLS-guided [CLS] token) is the same whatever the batch's captions, equals image_embedding's,
@@ -232,7 +233,7 @@ def test_retrieval_embedding_is_text_free(over):
     torch.testing.assert_close(emb, torch.nn.functional.normalize(m.vision_proj(seen[0]), dim=-1))
     # the captions did steer the selector of the fusion's tokens (at random init a text [CLS]
     # barely depends on the words, so the relevance, not yet the choice, is what differs)
-    rows = 4 if over.get("itm_negatives") == "reuse" else 12
+    rows = 4 if m.config.itm_negatives == "reuse" else 12
     assert guided[0].shape[0] == rows and (guided[0] - guided[1]).abs().max() > 1e-6
 
 
@@ -315,10 +316,12 @@ def test_config_round_trip_deepcopy_and_bad_values():
     assert isinstance(m2, MPLUGModel)
     for (n, p), (n2, p2) in zip(m.state_dict().items(), m2.state_dict().items()):
         assert n == n2 and torch.equal(p, p2)
+    with pytest.raises(ValueError, match="mass=None"):
+        BUSModel(BUSConfig.paper_tiny(vocab_size=VOCAB, mass=0.7))
     for bad, msg in [(dict(guidance="caption"), "guidance"), (dict(momentum=1.5), "momentum"),
-                     (dict(mlm_prob=0.0), "mlm_prob"), (dict(text_guided_from=3), "text_guided_from"),
+                     (dict(mlm_prob=0.0), "mlm_prob"), (dict(text_guided_from=3), "text_guided_from"), (dict(text_guided_from=-4), "text_guided_from"),
                      (dict(distill_alpha=-1), "distill_alpha"), (dict(connect_every=0), "connect_every"),
-                     (dict(text_guided_from=1, mass=0.7), "mass=None"), (dict(arch="other"), "arch"),
+                     (dict(arch="other"), "arch"),
                      (dict(itm_negatives="x"), "itm_negatives"), (dict(itc_on="x"), "itc_on")]:
         with pytest.raises(ValueError, match=msg):
             BUSModel(BUSConfig.paper_tiny(vocab_size=VOCAB, **bad))
@@ -327,7 +330,7 @@ def test_config_round_trip_deepcopy_and_bad_values():
 
 
 def test_mass_mode_runs_packed():
-    m = model(mass=0.7)
+    m = model(mass=0.7, text_guided_from=0)
     losses = m(make_batch())
     assert m.vision.pruning_state().lengths is not None
     losses["loss"].backward()
@@ -347,6 +350,24 @@ def test_paper_preset_structure():
     assert hasattr(m.decoder.lm.bert.encoder.layer[0], "crossattention")
     assert m.vision.layers == (4, 7, 10) and m.vision.pad.queries.shape == (1, 64, 768)
     assert m.queue.image.shape == (65536, 256) and cfg.momentum == 0.995 and cfg.guidance == "text"
+    assert m.vision.split == 10 and m.itc_from_stem  # blocks 0-9 shared, the caption guides block 10
     n_bus = sum(p.numel() for p in m.parameters() if p.requires_grad)
     n_base = sum(p.numel() for p in base.parameters() if p.requires_grad)
     assert 0 < n_bus - n_base < 20e6  # PAD (2 blocks + queries)
+
+
+def test_flop_count_on_meta_equals_cpu():
+    """benchmarks/flops.py counts on the meta device (shapes only); the counts equal real tensors'."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import flops
+
+    cfg = BUSConfig.paper_tiny(vocab_size=VOCAB, text_layers=1, decoder_layers=1, fusion_layers=2, connect_every=1)
+    meta = flops.count(cfg, True, 2)
+    m = flops.build(cfg, True, device="cpu")
+    batch = flops.paper_batch(cfg, 2)
+    cpu = (flops.step_flops(m, batch), flops.vit_flops(m, batch["images"]),
+           {p: v[0] for p, v in flops.forward_parts(m, batch).items()})
+    assert meta == cpu and meta[0] > 3 * meta[2]["total"] * 0.9 > 0

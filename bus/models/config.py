@@ -64,10 +64,10 @@ class BUSConfig:
     queue_size: int = 65536
     momentum: float = 0.995
     distill_alpha: float = 0.4  # ITC soft targets: alpha * momentum similarities + (1 - alpha) * one-hot
-    # guidance="text": index into tsps_layers of the first layer the caption guides. The ViT up to
-    # that layer runs once, CLS-guided (shared by every pass); only the blocks from there on run again
-    # per caption-guided pass. 0: every TSPS layer text-guided (the paper); len(tsps_layers) - 1:
-    # only the last one (cheapest). See bus/models/vision.py.
+    # guidance="text": index into tsps_layers (negative: from the end) of the first layer the caption
+    # guides. The ViT up to that layer runs once, CLS-guided (shared by every pass); only the blocks
+    # from there on run again per caption-guided pass. 0: every TSPS layer text-guided (as the paper);
+    # -1: only the last one (cheapest). See bus/models/vision.py and benchmarks/flops.py.
     text_guided_from: int = 0
     # guidance="text": the visual tokens of ITM's negative pairs. "guided": each pair's image guided by
     # the caption it is paired with (as itm_scores at evaluation; a rest pass over 3B rows). "reuse":
@@ -101,11 +101,18 @@ class BUSConfig:
         """The paper's pre-training stack (mPLUG-base, ``configs/pretrain_mplug_base.yaml``): CLIP-style
         ViT-B/16 (timm ``vit_base_patch16_clip_224``, random init) at 256 px, 6-layer BERT text
         encoder, 6-layer skip-connected fusion, 12-layer decoder, width 768; ITC queue 65536,
-        momentum 0.995, alpha 0.4, MLM 15%; text-guided TSPS keep 0.7 at blocks 4/7/10, PAD 64."""
+        momentum 0.995, alpha 0.4, MLM 15%; TSPS keep 0.7 at blocks 4/7/10, PAD 64.
+
+        Guidance: the caption guides the last TSPS layer (block 10); blocks 0-9 (CLS-guided pruning at
+        4 and 7) run once and their [CLS] is the text-free ITC / retrieval feature; ITM negatives reuse
+        their image's tokens. This is the text-guided variant that meets the FLOP target
+        (``benchmarks/flops.py``: 1.53x vs 0.94x for every layer text-guided with its own text-free
+        pass and pair-guided negatives, ``text_guided_from=0, itc_on="rest", itm_negatives="guided"``)."""
         cfg = dict(
             arch="mplug", vit="vit_base_patch16_clip_224", img_size=256, vocab_size=30522, max_text_len=40,
             text_layers=6, fusion_layers=6, decoder_layers=12, embed_dim=256, tsps_layers=(4, 7, 10),
-            keep=0.7, pad_queries=64, pad_depth=2, guidance="text",
+            keep=0.7, pad_queries=64, pad_depth=2, guidance="text", text_guided_from=-1, itc_on="stem",
+            itm_negatives="reuse",
         )
         cfg.update(overrides)
         return cls(**cfg)
@@ -113,12 +120,13 @@ class BUSConfig:
     @classmethod
     def paper_tiny(cls, **overrides) -> "BUSConfig":
         """The paper's stack at the size of :meth:`tiny`: width 64, ViT depth 6 at 64 px, 2-layer text
-        encoder, 4-layer fusion (the 4th connected), 2-layer decoder, a 256-entry queue."""
+        encoder, 4-layer fusion (the 4th connected), 2-layer decoder, a 256-entry queue; guidance as
+        :meth:`paper`."""
         cfg = dict(
             arch="mplug", vit="vit_base_patch16_clip_224", img_size=64,
             vit_kwargs=dict(embed_dim=64, depth=6, num_heads=4), text_layers=2, fusion_layers=4,
             decoder_layers=2, embed_dim=32, tsps_layers=(1, 3, 4), pad_queries=8, pad_depth=1,
-            queue_size=256, guidance="text",
+            queue_size=256, guidance="text", text_guided_from=-1, itc_on="stem", itm_negatives="reuse",
         )
         cfg.update(overrides)
         return cls(**cfg)

@@ -70,9 +70,9 @@ class MPLUGModel(BUSModel):
         if config.itc_on not in ("rest", "stem"):
             raise ValueError(f"BUSConfig.itc_on={config.itc_on!r} must be 'rest' or 'stem'")
         self.itc_from_stem = self.text_guided and config.itc_on == "stem"
-        if self.text_guided and config.mass is not None and config.text_guided_from > 0:
-            raise ValueError("BUSConfig: guidance='text' with text_guided_from > 0 needs mass=None "
-                             "(the stem's pruned tokens are re-batched per pair)")
+        if self.text_guided and config.mass is not None and config.text_guided_from % max(1, len(config.tsps_layers)):
+            raise ValueError("BUSConfig: guidance='text' with a CLS-guided TSPS layer in the stem (text_guided_from "
+                             f"={config.text_guided_from}) needs mass=None (the stem's tokens are re-batched per pair)")
         self.vision = VisionTower(config, tsps=self.use_tsps, pad=self.use_pad)
         D, H = self.vision.embed_dim, self.vision.num_heads
         Dt = config.text_width or D

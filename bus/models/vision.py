@@ -13,10 +13,12 @@ pruning saves, so the ViT is run as
              (the fusion losses), the latter on the rows the losses need.
 
 ``BUSConfig.text_guided_from`` picks the first text-guided TSPS layer (an index into
-``tsps_layers``): 0 guides every TSPS layer by the caption (the paper), the last index only the
-last layer, so the stem covers most of the ViT and the extra rest passes are short.
-``benchmarks/flops.py`` measures what each choice costs; ``guidance="image"`` runs one CLS-guided
-pass for everything.
+``tsps_layers``): 0 guides every TSPS layer by the caption (as the paper), -1 only the last layer,
+so the stem covers most of the ViT and the extra rest passes are short. ``itc_on="stem"`` takes
+the text-free feature from the stem's [CLS] (no CLS-guided rest pass at all), and
+``itm_negatives="reuse"`` runs the caption-guided rest once per image instead of once per ITM pair.
+``benchmarks/flops.py`` measures what each choice costs (``BUSConfig.paper`` takes the cheapest
+text-guided one, -1/stem/reuse); ``guidance="image"`` runs one CLS-guided pass for everything.
 
 Blocks are run with :func:`bus.tsps.pruned_block_forward` on a :class:`bus.PruneState` this module
 owns, so the stem's state can be branched into several rest passes.
@@ -60,9 +62,9 @@ class VisionTower(nn.Module):
             vit.blocks[i].bus_tsps = TSPS(self.embed_dim, keep=config.keep, mass=config.mass, fuse=config.fuse,
                                           guidance="auto")
         if tsps and config.guidance == "text":
-            if not 0 <= config.text_guided_from < len(self.layers):
+            if not -len(self.layers) <= config.text_guided_from < len(self.layers):
                 raise ValueError(f"BUSConfig.text_guided_from={config.text_guided_from} must index tsps_layers "
-                                 f"(0..{len(self.layers) - 1})")
+                                 f"({-len(self.layers)}..{len(self.layers) - 1})")
             # The stem ends before the block of the first text-guided TSPS layer.
             self.split = self.layers[config.text_guided_from]
         else:
