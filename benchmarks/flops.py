@@ -197,22 +197,23 @@ def time_interleaved(models: dict, batches: dict, rounds: int) -> dict:
     return times
 
 
-def configs(tiny: bool) -> dict:
-    """name -> (config, bus) of the FLOP rows."""
+def configs(tiny: bool = False) -> dict:
+    """name -> (config, bus) of the FLOP rows; the first row is the reference."""
     make = BUSConfig.paper_tiny if tiny else BUSConfig.paper
-    base = make()
+    base = make()  # BUS as the preset: the caption guides the last TSPS layer, ITC on the stem, reused negatives
     hi = 128 if tiny else 384
+    lo = base.img_size
+    every = dict(text_guided_from=0, itc_on="rest", itm_negatives="guided")
     return {
-        "baseline@256" if not tiny else "baseline": (base, False),
-        "bus-text": (base, True),
-        "bus-text-last": (dataclasses.replace(base, text_guided_from=len(base.tsps_layers) - 1), True),
-        "bus-text-last-stem": (dataclasses.replace(base, text_guided_from=len(base.tsps_layers) - 1, itc_on="stem"), True),
-        "bus-text-last-stem-reuse": (dataclasses.replace(base, text_guided_from=len(base.tsps_layers) - 1, itc_on="stem",
-                                                         itm_negatives="reuse"), True),
-        "bus-image": (dataclasses.replace(base, guidance="image"), True),
-        f"bus-text@{hi}": (dataclasses.replace(base, img_size=hi), True),
+        f"baseline@{lo}": (base, False),
+        f"bus@{lo}": (base, True),
+        f"bus-text-every-layer@{lo}": (dataclasses.replace(base, **every), True),
+        f"bus-text-last-own-pass@{lo}": (dataclasses.replace(base, itc_on="rest", itm_negatives="guided"), True),
+        f"bus-text-last-pair-guided@{lo}": (dataclasses.replace(base, itm_negatives="guided"), True),
+        f"bus-image@{lo}": (dataclasses.replace(base, guidance="image"), True),
+        f"bus@{hi}": (dataclasses.replace(base, img_size=hi), True),
         f"bus-image@{hi}": (dataclasses.replace(base, img_size=hi, guidance="image"), True),
-        f"bus-image@{hi}-keep0.5": (dataclasses.replace(base, img_size=hi, guidance="image", keep=0.5), True),
+        f"bus-keep0.5@{hi}": (dataclasses.replace(base, img_size=hi, keep=0.5), True),
     }
 
 
@@ -222,6 +223,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="paper_tiny instead of the paper preset")
     ap.add_argument("--time-rounds", type=int, default=0, help="interleaved step timing rounds (0: none)")
     ap.add_argument("--time-parts", action="store_true", help="also time each part's forward (real tensors)")
+    ap.add_argument("--no-count", action="store_true", help="skip the FLOP rows (timing only)")
     ap.add_argument("--rows", default="", help="comma-separated subset of the rows")
     args = ap.parse_args()
     rows = configs(args.tiny)
@@ -232,10 +234,13 @@ def main() -> None:
     print(f"paper{'_tiny' if args.tiny else ''} preset, batch {B}, captions of {TEXT_LEN} tokens, fp32, {where}\n")
     results, parts = {}, {}
     for name, (cfg, bus) in rows.items():
-        step, vit, fwd = count(cfg, bus, B)
-        results[name] = (step, vit)
-        parts[name] = {p: [f, 0.0] for p, f in fwd.items()}
-        print(f"{name}: step {step / B / 1e9:.1f} GFLOP/image, ViT alone {vit / B / 1e9:.1f}", flush=True)
+        parts[name] = {p: [0, 0.0] for p in PARTS + ["total"]}
+        if not args.no_count:
+            step, vit, fwd = count(cfg, bus, B)
+            results[name] = (step, vit)
+            for p, f in fwd.items():
+                parts[name][p][0] = f
+            print(f"{name}: step {step / B / 1e9:.1f} GFLOP/image, ViT alone {vit / B / 1e9:.1f}", flush=True)
         if args.time_parts:
             m = build(cfg, bus)
             batch = paper_batch(cfg, B)
@@ -243,15 +248,16 @@ def main() -> None:
             for p, (_, sec) in forward_parts(m, batch, count=False).items():
                 parts[name][p][1] = sec
             del m
-    ref = next(iter(results))
-    print(f"\n| model | train step GFLOP / image | {ref} / model | ViT alone (fwd+bwd) GFLOP / image | ViT ratio |")
-    print("|---|---:|---:|---:|---:|")
-    for name, (s, v) in results.items():
-        print(f"| {name} | {s / B / 1e9:.1f} | {results[ref][0] / s:.2f}x | {v / B / 1e9:.1f} | {results[ref][1] / v:.2f}x |")
-    print("\n| part (forward) | " + " | ".join(f"{n} GFLOP/img" for n in parts) + " |")
-    print("|---|" + "---:|" * len(parts))
-    for p in PARTS + ["total"]:
-        print(f"| {p} | " + " | ".join(f"{parts[n][p][0] / B / 1e9:.2f}" for n in parts) + " |")
+    if results:
+        ref = next(iter(results))
+        print(f"\n| model | train step GFLOP / image | {ref} / model | ViT alone (fwd+bwd) GFLOP / image | ViT ratio |")
+        print("|---|---:|---:|---:|---:|")
+        for name, (s, v) in results.items():
+            print(f"| {name} | {s / B / 1e9:.1f} | {results[ref][0] / s:.2f}x | {v / B / 1e9:.1f} | {results[ref][1] / v:.2f}x |")
+        print("\n| part (forward) | " + " | ".join(f"{n} GFLOP/img" for n in parts) + " |")
+        print("|---|" + "---:|" * len(parts))
+        for p in PARTS + ["total"]:
+            print(f"| {p} | " + " | ".join(f"{parts[n][p][0] / B / 1e9:.2f}" for n in parts) + " |")
     if args.time_parts:
         print(f"\n| part (forward time, {where}) | " + " | ".join(f"{n} ms" for n in parts) + " |")
         print("|---|" + "---:|" * len(parts))
