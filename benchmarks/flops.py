@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import statistics
 import time
 
 import torch
@@ -269,10 +270,11 @@ def main() -> None:
         batches = {n: paper_batch(c, B) for n, (c, _) in pair.items()}
         times = time_interleaved(models, batches, args.time_rounds)
         a, b = list(times)
-        med = {n: sorted(t)[len(t) // 2] for n, t in times.items()}
+        med = {n: statistics.median(t) for n, t in times.items()}
         print(f"\ninterleaved train step ({where}, fwd+bwd+SGD, {args.time_rounds} rounds after a warm-up): "
               + ", ".join(f"{n} " + "/".join(f"{x:.2f}" for x in t) + " s" for n, t in times.items())
-              + f"; {a} / {b} = {med[a] / med[b]:.2f}x (medians)")
+              + f"; {a} / {b} = {med[a] / med[b]:.2f}x (ratio of medians; per round "
+              + ", ".join(f"{x / y:.2f}x" for x, y in zip(times[a], times[b])) + ")")
 
 
 if __name__ == "__main__":
