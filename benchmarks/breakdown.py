@@ -1,5 +1,7 @@
-"""Where a train step's time goes: forward + backward of each part of the baseline and the BUS
-model, timed separately on the end-to-end benchmark's data (ViT-B/16 at 224, batch 8 on CPU).
+"""Where a train step's time goes on the small stack (``BUSConfig()``): forward + backward of each
+part of the baseline and the BUS model, timed separately on the end-to-end benchmark's data
+(ViT-B/16 at 224, batch 8 on CPU). For the paper's stack (``BUSConfig.paper()``), FLOPs and time
+per part come from ``benchmarks/flops.py``.
 
     python benchmarks/breakdown.py [--batch 8] [--img-size 224] [--keep 0.7] [--rounds 3]
 

@@ -64,6 +64,8 @@ def _of_ceiling(extra: dict, seconds: float, ceilings: dict) -> str:
 
 
 def _rate(extra: dict, seconds: float) -> str:
+    if extra.get("gflop_per_image") is not None:  # a FLOP count: the figure is the count, not the time
+        return f"{extra['gflop_per_image']:.1f} GFLOP/img (ViT alone {extra.get('vit_gflop_per_image', 0):.1f})"
     if extra.get("i2t_r@1") is not None:
         text = f"{extra['images'] / seconds:.1f} img/s, i2t R@1 {extra['i2t_r@1']:.3f}, t2i R@1 {extra['t2i_r@1']:.3f}"
         seeds = extra.get("per_seed", {}).get("i2t_r@1")
@@ -101,6 +103,8 @@ def render(data: dict) -> str:
         for r in sorted(rows, key=lambda r: r["stats"]["median"]):
             med = r["stats"]["median"]
             speed = f"{ref / med:.2f}x" if ref else ""
+            if r["extra_info"].get("gflop_per_image") and ref_row and ref_row["extra_info"].get("gflop_per_image"):
+                speed = f"{ref_row['extra_info']['gflop_per_image'] / r['extra_info']['gflop_per_image']:.2f}x FLOPs"
             rate = _rate(r["extra_info"], med) + _of_ceiling(r["extra_info"], med, ceilings)
             out.append(f"| {r['extra_info'].get('impl', r['name'])} | {med * 1e3:.3f} | {rate} | {speed} |")
         out.append("")
@@ -208,7 +212,7 @@ def main() -> None:
 def headline(text: str) -> str:
     """The end-to-end and quality sections of a rendered report (what `make bench` prints)."""
     sections = text.split("\n### ")
-    keep = [s for s in sections[1:] if s.startswith(("e2e train step", "quality"))]
+    keep = [s for s in sections[1:] if s.startswith(("e2e train step", "paper train step", "quality"))]
     return "\n".join("### " + s.rstrip() + "\n" for s in keep)
 
 
