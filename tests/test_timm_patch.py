@@ -241,3 +241,20 @@ def test_rope_models_are_refused_clearly():
     model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=56, depth=2, num_classes=0)
     with pytest.raises(TypeError, match="rotary position embeddings"):
         bus.patch_timm(model, layers=(1,))
+
+
+# ----------------------------------------------------------------------------------- FSDP2
+def test_fsdp2_two_gloo_ranks():
+    """fully_shard of a patched model: two gloo ranks on CPU, gradients equal an unsharded run."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(repo, "tests", "fsdp2_worker.py")]
+    p = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "FSDP2 OK" in p.stdout
