@@ -130,6 +130,12 @@ def _pruning(model: nn.Module, batch: int, text: Optional[Tensor], text_mask: Op
     if holder.state is not None:  # nested call (forward -> forward_features): same forward
         yield False
         return
+    if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+        raise TypeError(
+            "bus: torch.fx symbolic tracing (torch.fx.symbolic_trace, timm feature_cls='fx', torchvision "
+            "create_feature_extractor) of a patched model is not supported: the pruning state flows "
+            "from block to block outside the traced values. Use torch.export.export (fixed keep) or "
+            "torch.compile, or forward_intermediates(output_fmt='NLC') for features")
     if text is not None:
         if not isinstance(text, Tensor) or text.dim() not in (2, 3) or text.shape[0] != batch or text.shape[-1] != model.embed_dim:
             raise ValueError(

@@ -258,3 +258,40 @@ def test_fsdp2_two_gloo_ranks():
     p = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "FSDP2 OK" in p.stdout
+
+
+# ------------------------------------------------------------- export, compile, FX refusal
+def test_torch_export_of_a_fixed_keep_model():
+    torch.manual_seed(0)
+    model = bus.patch_timm(FAMILIES["registers, no class token"]().eval(), layers=(1, 2), keep=0.5)
+    x, t = images(2), torch.randn(2, 64)
+    ep = torch.export.export(model, (x,), {"text": t})
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x, text=t), model(x, text=t), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ep.module()(images(2, seed=1), text=t), model(images(2, seed=1), text=t),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_compile_fullgraph_fixed_keep_and_mass_with_breaks():
+    """Fixed keep: one graph, forward and backward. mass=: correct under torch.compile; it still
+    breaks the graph at select_tokens_varlen's count read until the kernel takes a bound."""
+    torch.manual_seed(0)
+    model = bus.patch_timm(FAMILIES["vit (class token)"]().train(), layers=(1, 2), keep=0.5)
+    x, t = images(2), torch.randn(2, 64)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = compiled(x, text=t)
+    torch.testing.assert_close(got, model(x, text=t), rtol=1e-5, atol=1e-6)
+    got.sum().backward()
+    massed = bus.patch_timm(FAMILIES["vit (class token)"]().eval(), layers=(1,), mass=0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(massed, backend="eager")(x), massed(x), rtol=1e-5, atol=1e-6)
+
+
+def test_fx_tracing_is_refused_clearly():
+    from timm.models._features_fx import FeatureGraphNet
+
+    model = bus.patch_timm(FAMILIES["vit (class token)"]().eval(), layers=(1,), keep=1.0)
+    with pytest.raises(TypeError, match="torch.export.export"):
+        torch.fx.symbolic_trace(model)
+    with pytest.raises(TypeError, match="symbolic tracing"):
+        FeatureGraphNet(model, out_indices=(3,))
