@@ -17,15 +17,20 @@ How it stays compatible with timm's training tools:
 - **deepcopy / EMA / pickling**: the per-forward state lives in a :class:`_Holder` that copies
   and pickles as an empty one, and the generated classes pickle as "host class + patch", so
   ``copy.deepcopy``, ``timm.utils.ModelEmaV3`` and ``torch.save(model)`` work.
+- **RoPE models** (timm ``Eva``, EVA-02): the host ``EvaBlock`` forward runs on the current
+  tokens with each token's own RoPE row (gathered by its patch id; the fused token gets the
+  identity rotation), and a TSPS prunes the block's output (:func:`_rope_block_step`).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import inspect
+import math
 from typing import Iterable, Optional
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
@@ -64,7 +69,8 @@ _MODEL_CLASSES: dict[type, type] = {}
 def _rebuild(host_cls: type, kind: str):
     """Unpickling / deepcopy constructor of a patched object: an empty instance of the generated
     class for ``host_cls`` (the state dict is restored by ``nn.Module.__setstate__``)."""
-    cls = _pruned_model_class(host_cls) if kind == "model" else _pruned_block_class(host_cls)
+    factory = {"model": _pruned_model_class, "block": _pruned_block_class, "rope_block": _rope_block_class}[kind]
+    cls = factory(host_cls)
     return cls.__new__(cls)
 
 
@@ -91,32 +97,116 @@ def _block_step(block: nn.Module, x: Tensor, state: PruneState):
     return x, st
 
 
+def _run_step(block: nn.Module, step, x: Tensor, *args) -> Tensor:
+    """Runs ``step(block, x, *args, state)`` for the forward in flight (checkpointed when the model
+    asked for gradient checkpointing) and threads the new state on to the next block."""
+    holder: _Holder = block._bus_holder
+    if holder.checkpoint and torch.is_grad_enabled():
+        x, st = torch.utils.checkpoint.checkpoint(step, block, x, *args, holder.state, use_reentrant=False)
+    else:
+        x, st = step(block, x, *args, holder.state)
+    holder.state = st
+    holder.records.extend(st.records)
+    holder.block_ids[block._bus_index] = st.patch_ids
+    return x
+
+
 def _pruned_block_class(cls: type) -> type:
     if cls not in _BLOCK_CLASSES:
 
         def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
             holder: _Holder = self._bus_holder
-            state = holder.state
-            if state is None:  # called outside the patched model: behave as the host block
+            if holder.state is None:  # called outside the patched model: behave as the host block
                 return cls.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
             if attn_mask is not None or is_causal:
                 raise NotImplementedError("bus.patch_timm: attn_mask/is_causal are not supported with pruning")
-            ckpt = holder.checkpoint and torch.is_grad_enabled()
             if not self._bus_pruned:  # before the first pruning layer: the host block, as it is
-                if ckpt:
+                if holder.checkpoint and torch.is_grad_enabled():
                     return torch.utils.checkpoint.checkpoint(cls.forward, self, x, use_reentrant=False)
                 return cls.forward(self, x)
-            if ckpt:
-                x, st = torch.utils.checkpoint.checkpoint(_block_step, self, x, state, use_reentrant=False)
-            else:
-                x, st = _block_step(self, x, state)
-            holder.state = st
-            holder.records.extend(st.records)
-            holder.block_ids[self._bus_index] = st.patch_ids
-            return x
+            return _run_step(self, _block_step, x)
 
         _BLOCK_CLASSES[cls] = type(f"Pruned{cls.__name__}", (cls,),
                                    {"forward": forward, "__reduce_ex__": _reduce_as(cls, "block")})
+    return _BLOCK_CLASSES[cls]
+
+
+# ------------------------------------------------------------------ RoPE blocks (timm Eva)
+def _rope_rows(rope: Optional[Tensor], state: PruneState) -> Optional[Tensor]:
+    """The RoPE rows (``[N, 2 * head_dim]``, sin then cos) of the current tokens: each kept patch
+    keeps its own position; a fused token gets the identity rotation (sin 0, cos 1)."""
+    if rope is None or state.patch_ids is None:
+        return rope
+    hd = rope.shape[-1] // 2
+    identity = torch.cat([rope.new_zeros(hd), rope.new_ones(hd)])[None]
+    table = torch.cat([rope, identity])
+    ids = state.patch_ids[:, state.num_prefix:]
+    return table[ids.where(ids >= 0, rope.shape[0])][:, None]  # [B, 1, n, 2 * hd]: broadcast over heads
+
+
+def _rope_qk(attn: nn.Module, h: Tensor) -> tuple[Tensor, Tensor]:
+    """This block's (unrotated) queries and keys ``[B, H, L, hd]`` of ``h``, by its own weights."""
+    B, L, _ = h.shape
+    H, hd = attn.num_heads, attn.head_dim
+    A = H * hd
+    if attn.qkv is not None:
+        w = attn.qkv.weight
+        q = F.linear(h, w[:A], attn.q_bias if attn.q_bias is not None else (None if attn.qkv.bias is None else attn.qkv.bias[:A]))
+        k = F.linear(h, w[A:2 * A], attn.k_bias if attn.q_bias is not None else (None if attn.qkv.bias is None else attn.qkv.bias[A:2 * A]))
+    else:
+        q, k = attn.q_proj(h), attn.k_proj(h)
+    return (attn.q_norm(q.reshape(B, L, H, hd).transpose(1, 2)), attn.k_norm(k.reshape(B, L, H, hd).transpose(1, 2)))
+
+
+def _rope_block_step(block: nn.Module, x: Tensor, rope: Optional[Tensor], state: PruneState):
+    """A RoPE block (timm ``EvaBlock``) as a pure step: the host forward on the current tokens,
+    each with its own RoPE position; then, with a TSPS, the tokens are scored by this block's own
+    (unrotated, content-only) queries and keys of its input and its output is pruned."""
+    st = dataclasses.replace(state, records=[])
+    out = block._bus_host_forward(x, rope=_rope_rows(rope, st))
+    tsps: Optional[TSPS] = getattr(block, "bus_tsps", None)
+    if tsps is None:
+        return out, st
+    P, (B, N, _) = st.num_prefix, out.shape
+    n, attn = N - P, block.attn
+    h = block.norm1(x)
+    q_img, k = _rope_qk(attn, h)
+    ids = st.patch_ids if st.patch_ids is not None else tsps._initial_ids(B, N, P, x.device)
+    sizes = st.sizes if st.sizes is not None else torch.ones(B, N, device=x.device)
+    if st.text is not None and tsps.guidance in ("text", "auto"):
+        text = st.text if st.text.dim() == 3 else st.text[:, None]
+        qg, q_mask = _rope_qk(attn, block.norm1(text))[0], (st.text_mask if st.text.dim() == 3 else None)
+    else:
+        qg, q_mask = tsps._queries(attn, block.norm1, st, q_img, sizes)
+    scores = bk.relevance_scores(qg, k[:, :, P:].contiguous(), scale=attn.scale, q_mask=q_mask)
+    tsps._record(out[:, P:], scores, ids[:, P:], st)
+    count = tsps.keep if isinstance(tsps.keep, int) else max(1, math.ceil(round(tsps.keep * n, 6)))
+    if count >= n:  # nothing to drop: the block is left exactly as it was
+        return out, st
+    sel = bk.select_tokens(out, scores, count, num_prefix=P, fuse=tsps.fuse)
+    st.patch_ids, st.sizes = tsps._carry(ids, sizes, sel.indices, P)
+    return sel.tokens, st
+
+
+def _rope_block_class(cls: type) -> type:
+    if cls not in _BLOCK_CLASSES:
+
+        def forward(self, x: Tensor, rope: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
+                    is_causal: bool = False) -> Tensor:
+            holder: _Holder = self._bus_holder
+            if holder.state is None:
+                return cls.forward(self, x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+            if attn_mask is not None or is_causal:
+                raise NotImplementedError("bus.patch_timm: attn_mask/is_causal are not supported with pruning")
+            if not self._bus_pruned:
+                if holder.checkpoint and torch.is_grad_enabled():
+                    return torch.utils.checkpoint.checkpoint(cls.forward, self, x, rope=rope, use_reentrant=False)
+                return cls.forward(self, x, rope=rope)
+            return _run_step(self, _rope_block_step, x, rope)
+
+        _BLOCK_CLASSES[cls] = type(f"Pruned{cls.__name__}", (cls,),
+                                   {"forward": forward, "_bus_host_forward": cls.forward,
+                                    "__reduce_ex__": _reduce_as(cls, "rope_block")})
     return _BLOCK_CLASSES[cls]
 
 
@@ -272,7 +362,9 @@ def patch_timm(
 
     Args:
         model: a timm ``VisionTransformer`` (``blocks`` of pre-norm blocks with a fused ``qkv``),
-            with or without a class token (e.g. SigLIP's MAP pooling, ``global_pool='avg'``).
+            with or without a class token (e.g. SigLIP's MAP pooling, ``global_pool='avg'``), or
+            a timm ``Eva`` with RoPE (EVA-02; fixed keep only, pruning after the whole block and
+            attention not proportional to token sizes there).
         layers: 0-based indices of the blocks after whose attention a :class:`TSPS` prunes.
         keep: ratio in (0, 1] or count of the rankable tokens kept at each layer.
         fuse: ``"sum"``, ``"mean"`` or ``None`` (see :func:`bus_kernels.select_tokens`).
@@ -300,17 +392,22 @@ def patch_timm(
         raise TypeError(f"patch_timm: expected a timm VisionTransformer, got {type(model).__name__}")
     if getattr(model, "_bus_holder", None) is not None:
         raise ValueError("patch_timm: this model is already patched")
-    if getattr(model, "rope", None) is not None:
-        raise TypeError(
-            f"patch_timm: {type(model).__name__} uses rotary position embeddings (EVA-02 style); "
-            "pruning would need each kept token's RoPE angle carried through the blocks, which this "
-            "patch does not do yet. Supported: timm VisionTransformer families (see README)")
     layers = sorted(set(int(i) for i in layers))
     if not layers or layers[0] < 0 or layers[-1] >= len(blocks):
         raise ValueError(f"patch_timm: layers={layers} must be block indices in [0, {len(blocks) - 1}]")
+    rope = getattr(model, "rope", None) is not None
+    if rope:  # timm Eva (EVA-02): RoPE, SwiGLU
+        if getattr(model, "rope_mixed", False):
+            raise TypeError("patch_timm: depth-dependent (mixed) RoPE is not supported; plain RoPE (EVA-02) is")
+        if mass is not None:
+            raise ValueError("patch_timm: mass= (packed tokens) is not supported for RoPE models; use a fixed keep")
     for i in range(layers[0], len(blocks)):
         attn = getattr(blocks[i], "attn", None)
-        if not all(hasattr(attn, a) for a in ("qkv", "num_heads", "head_dim", "q_norm", "k_norm", "proj")) or not hasattr(blocks[i], "ls1"):
+        if rope:
+            ok = hasattr(blocks[i], "norm1") and all(hasattr(attn, a) for a in ("qkv", "num_heads", "head_dim", "q_norm", "k_norm", "scale"))
+            if not ok or (attn.qkv is None and not hasattr(attn, "k_proj")):
+                raise TypeError(f"patch_timm: block {i} ({type(blocks[i]).__name__}) is not a pre-norm timm EvaBlock")
+        elif not all(hasattr(attn, a) for a in ("qkv", "num_heads", "head_dim", "q_norm", "k_norm", "proj")) or not hasattr(blocks[i], "ls1"):
             raise TypeError(f"patch_timm: block {i} ({type(blocks[i]).__name__}) is not a pre-norm timm Block with a fused qkv")
     if mass is not None and getattr(model, "global_pool", "token") not in ("token", ""):
         raise ValueError("patch_timm: mass= (packed tokens) needs global_pool='token'")
@@ -323,7 +420,7 @@ def patch_timm(
         blocks[i].bus_tsps = TSPS(model.embed_dim, keep=keep, mass=mass, min_keep=min_keep, fuse=fuse,
                                   guidance=guidance, ptm_head=ptm_head, text_free="cls" if has_cls else "mean")
     for i, blk in enumerate(blocks):
-        blk.__class__ = _pruned_block_class(type(blk))
+        blk.__class__ = (_rope_block_class if rope else _pruned_block_class)(type(blk))
         blk._bus_holder, blk._bus_index = holder, i
         blk._bus_pruned, blk._bus_last = i >= layers[0], i == len(blocks) - 1
     model.__class__ = _pruned_model_class(type(model))

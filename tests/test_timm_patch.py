@@ -31,6 +31,8 @@ FAMILIES = {
         "vit_medium_patch16_gap_256", pretrained=False, **SMALL, **kw),
     "registers, no class token": lambda **kw: timm.create_model(
         "vit_base_patch16_224", pretrained=False, class_token=False, reg_tokens=2, global_pool="avg", **SMALL, **kw),
+    "eva02 (RoPE, SwiGLU)": lambda **kw: timm.create_model(
+        "eva02_tiny_patch14_224", pretrained=False, patch_size=16, **SMALL, **kw),
 }
 
 
@@ -237,10 +239,42 @@ def test_torchscript_is_refused_with_a_pointer_to_compile_and_export():
         torch.jit.script(model)
 
 
-def test_rope_models_are_refused_clearly():
-    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=56, depth=2, num_classes=0)
-    with pytest.raises(TypeError, match="rotary position embeddings"):
-        bus.patch_timm(model, layers=(1,))
+def test_eva02_kept_tokens_keep_their_rope_positions():
+    """The block after a pruning layer equals the host EvaBlock run on the kept tokens with the
+    RoPE rows of their own patches (identity rotation for the fused token), built by hand."""
+    torch.manual_seed(0)
+    model = bus.patch_timm(FAMILIES["eva02 (RoPE, SwiGLU)"]().eval(), layers=(1,), keep=0.5)
+    seen = {}
+    model.blocks[2].register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))
+    model.blocks[2].register_forward_hook(lambda m, a, out: seen.update(out=out))
+    with torch.no_grad():
+        model.forward_features(images(2), text=torch.randn(2, 64))
+        ids = model.pruning_state().block_patch_ids[1][:, 1:]  # after the class token
+        rope = model.rope.get_embed()  # [16, 2 * head_dim]: sin, cos
+        rows = []
+        for b in range(2):
+            kept = [rope[i] for i in ids[b].tolist() if i >= 0]
+            fused = torch.cat([torch.zeros(16), torch.ones(16)])
+            rows.append(torch.stack(kept + [fused]))
+        host = type(model.blocks[2]).__mro__[1]
+        want = host.forward(model.blocks[2], seen["x"], rope=torch.stack(rows)[:, None])
+    assert (ids[:, :-1] >= 0).all() and (ids[:, -1] == -1).all()
+    torch.testing.assert_close(seen["out"], want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="RoPE"):
+        bus.patch_timm(FAMILIES["eva02 (RoPE, SwiGLU)"](), layers=(1,), mass=0.5)
+
+
+@pytest.mark.parametrize("family", ["eva02 (RoPE, SwiGLU)", "siglip (MAP pool, no class token)"])
+def test_grad_checkpointing_other_families(family):
+    torch.manual_seed(0)
+    ref = bus.patch_timm(FAMILIES[family]().train(), layers=(1, 2), keep=0.5)
+    ckpt = copy.deepcopy(ref)
+    ckpt.set_grad_checkpointing(True)
+    x, t = images(2), torch.randn(2, 64)
+    for m in (ref, ckpt):
+        m(x, text=t).square().mean().backward()
+    for (n, a), b in zip(ref.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=n)
 
 
 # ----------------------------------------------------------------------------------- FSDP2
