@@ -326,6 +326,6 @@ def test_fx_tracing_is_refused_clearly():
 
     model = bus.patch_timm(FAMILIES["vit (class token)"]().eval(), layers=(1,), keep=1.0)
     with pytest.raises(TypeError, match="torch.export.export"):
-        torch.fx.symbolic_trace(model)
+        torch.fx.symbolic_trace(model)  # a clear word even where nothing would be pruned
     with pytest.raises(TypeError, match="symbolic tracing"):
         FeatureGraphNet(model, out_indices=(3,))
