@@ -108,3 +108,11 @@ def test_bad_arguments():
         bus.patch_hf(model)
     with pytest.raises(ValueError, match="text must be"):
         model(pixel_values=images(), text=torch.randn(2, 31))
+
+
+def test_gradient_checkpointing_is_refused_clearly():
+    model = TOWERS["ViTModel"]().train()
+    model.gradient_checkpointing_enable()
+    bus.patch_hf(model, layers=(1,), keep=0.5)
+    with pytest.raises(NotImplementedError, match="gradient checkpointing is not supported"):
+        model(pixel_values=images())
