@@ -1,16 +1,37 @@
 """``patch_timm``: a drop-in TSPS for timm ``VisionTransformer`` models (and models built on it).
 
-Patching swaps the classes of the model and of the blocks from the first pruning layer on for
-thin subclasses (as ToMe does) whose ``forward`` reuses the blocks' own modules; nothing of
-timm's forward code is copied, so the patch follows timm releases. Blocks before the first
-pruning layer are untouched, and so is the patch embedding, the norms and the head.
+Patching swaps the classes of the model and of its blocks for thin subclasses (as ToMe does)
+whose ``forward`` reuses the blocks' own modules; nothing of timm's forward code is copied, so
+the patch follows timm releases. Blocks before the first pruning layer run their own forward;
+the patch embedding, the norms, the pooling and the head are untouched.
+
+How it stays compatible with timm's training tools:
+
+- **One state per block, passed through.** Each patched block is a pure step
+  ``(tokens, PruneState in) -> (tokens, PruneState out)`` (:func:`_block_step`): it never mutates
+  its input state. The model wrapper threads the state from block to block, so a recompute
+  (gradient checkpointing) sees exactly the input of the original forward.
+- **Gradient checkpointing** (``model.set_grad_checkpointing(True)``): the wrapper runs timm's
+  forward with its block-level checkpointing switched off and checkpoints every block itself
+  (non-reentrant ``torch.utils.checkpoint``) with the state as an explicit argument.
+- **deepcopy / EMA / pickling**: the per-forward state lives in a :class:`_Holder` that copies
+  and pickles as an empty one, and the generated classes pickle as "host class + patch", so
+  ``copy.deepcopy``, ``timm.utils.ModelEmaV3`` and ``torch.save(model)`` work.
+- **RoPE models** (timm ``Eva``, EVA-02): the host ``EvaBlock`` forward runs on the current
+  tokens with each token's own RoPE row (gathered by its patch id; the fused token gets the
+  identity rotation), and a TSPS prunes the block's output (:func:`_rope_block_step`).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
+import math
 from typing import Iterable, Optional
 
 import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 import bus_kernels as bk
@@ -19,75 +40,309 @@ from .tsps import PruneState, TSPS, pruned_block_forward
 
 
 class _Holder:
-    """The state of the forward in flight, shared by a patched model and its patched blocks."""
+    """Per-forward state shared by a patched model and its patched blocks.
 
-    state: Optional[PruneState] = None
-    last: Optional[PruneState] = None
+    ``state``: the state between blocks of the forward in flight (``None`` outside a forward);
+    ``last``: the finished state of the last forward (``model.pruning_state()``). A copy or a
+    pickle of the model gets an empty holder: a state holds tensors of one forward (possibly with
+    their autograd graph), which are neither copyable nor worth saving.
+    """
+
+    def __init__(self):
+        self.state: Optional[PruneState] = None
+        self.last: Optional[PruneState] = None
+        self.records: list = []
+        self.block_ids: dict = {}
+        self.checkpoint = False
+
+    def __deepcopy__(self, memo):
+        return _Holder()
+
+    def __reduce__(self):
+        return (_Holder, ())
 
 
 _BLOCK_CLASSES: dict[type, type] = {}
 _MODEL_CLASSES: dict[type, type] = {}
 
 
+def _rebuild(host_cls: type, kind: str):
+    """Unpickling / deepcopy constructor of a patched object: an empty instance of the generated
+    class for ``host_cls`` (the state dict is restored by ``nn.Module.__setstate__``)."""
+    factory = {"model": _pruned_model_class, "block": _pruned_block_class, "rope_block": _rope_block_class}[kind]
+    cls = factory(host_cls)
+    return cls.__new__(cls)
+
+
+def _reduce_as(host_cls: type, kind: str):
+    def __reduce_ex__(self, protocol):
+        # The generated class is not importable by name: pickle "host class + kind" instead.
+        return _rebuild, (host_cls, kind), self.__getstate__()
+
+    return __reduce_ex__
+
+
+def _block_step(block: nn.Module, x: Tensor, state: PruneState):
+    """One patched block as a pure function of its inputs: returns ``(tokens, new state)``.
+
+    ``state`` is left as it was (the block works on a copy), so running the step again on the
+    same inputs, as gradient checkpointing does in the backward pass, does the same work.
+    """
+    st = dataclasses.replace(state, records=[])
+    x = pruned_block_forward(block, x, st)
+    if block._bus_last and st.packed:
+        # Back to a padded batch for the model's final norm and head; lengths kept.
+        st.lengths = (st.cu_seqlens[1:] - st.cu_seqlens[:-1]).long()
+        x = bk.unpack(x, st.cu_seqlens, st.max_seqlen)
+    return x, st
+
+
+def _run_step(block: nn.Module, step, x: Tensor, *args) -> Tensor:
+    """Runs ``step(block, x, *args, state)`` for the forward in flight (checkpointed when the model
+    asked for gradient checkpointing) and threads the new state on to the next block."""
+    holder: _Holder = block._bus_holder
+    if holder.checkpoint and torch.is_grad_enabled():
+        x, st = torch.utils.checkpoint.checkpoint(step, block, x, *args, holder.state, use_reentrant=False)
+    else:
+        x, st = step(block, x, *args, holder.state)
+    holder.state = st
+    holder.records.extend(st.records)
+    holder.block_ids[block._bus_index] = st.patch_ids
+    return x
+
+
 def _pruned_block_class(cls: type) -> type:
     if cls not in _BLOCK_CLASSES:
 
         def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
-            state = self._bus_holder.state
-            if state is None:  # called outside the patched model: behave as the host block
+            holder: _Holder = self._bus_holder
+            if holder.state is None:  # called outside the patched model: behave as the host block
                 return cls.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
             if attn_mask is not None or is_causal:
                 raise NotImplementedError("bus.patch_timm: attn_mask/is_causal are not supported with pruning")
-            x = pruned_block_forward(self, x, state)
-            if self._bus_last and state.packed:
-                # Back to a padded batch for the model's final norm and head; lengths kept.
-                state.lengths = (state.cu_seqlens[1:] - state.cu_seqlens[:-1]).long()
-                x = bk.unpack(x, state.cu_seqlens, state.max_seqlen)
-            return x
+            if not self._bus_pruned:  # before the first pruning layer: the host block, as it is
+                if holder.checkpoint and torch.is_grad_enabled():
+                    return torch.utils.checkpoint.checkpoint(cls.forward, self, x, use_reentrant=False)
+                return cls.forward(self, x)
+            return _run_step(self, _block_step, x)
 
-        _BLOCK_CLASSES[cls] = type(f"Pruned{cls.__name__}", (cls,), {"forward": forward})
+        _BLOCK_CLASSES[cls] = type(f"Pruned{cls.__name__}", (cls,),
+                                   {"forward": forward, "__reduce_ex__": _reduce_as(cls, "block")})
+    return _BLOCK_CLASSES[cls]
+
+
+# ------------------------------------------------------------------ RoPE blocks (timm Eva)
+def _rope_rows(rope: Optional[Tensor], state: PruneState) -> Optional[Tensor]:
+    """The RoPE rows (``[N, 2 * head_dim]``, sin then cos) of the current tokens: each kept patch
+    keeps its own position; a fused token gets the identity rotation (sin 0, cos 1)."""
+    if rope is None or state.patch_ids is None:
+        return rope
+    hd = rope.shape[-1] // 2
+    identity = torch.cat([rope.new_zeros(hd), rope.new_ones(hd)])[None]
+    table = torch.cat([rope, identity])
+    ids = state.patch_ids[:, state.num_prefix:]
+    return table[ids.where(ids >= 0, rope.shape[0])][:, None]  # [B, 1, n, 2 * hd]: broadcast over heads
+
+
+def _rope_qk(attn: nn.Module, h: Tensor) -> tuple[Tensor, Tensor]:
+    """This block's (unrotated) queries and keys ``[B, H, L, hd]`` of ``h``, by its own weights."""
+    B, L, _ = h.shape
+    H, hd = attn.num_heads, attn.head_dim
+    A = H * hd
+    if attn.qkv is not None:
+        w = attn.qkv.weight
+        q = F.linear(h, w[:A], attn.q_bias if attn.q_bias is not None else (None if attn.qkv.bias is None else attn.qkv.bias[:A]))
+        k = F.linear(h, w[A:2 * A], attn.k_bias if attn.q_bias is not None else (None if attn.qkv.bias is None else attn.qkv.bias[A:2 * A]))
+    else:
+        q, k = attn.q_proj(h), attn.k_proj(h)
+    return (attn.q_norm(q.reshape(B, L, H, hd).transpose(1, 2)), attn.k_norm(k.reshape(B, L, H, hd).transpose(1, 2)))
+
+
+def _rope_block_step(block: nn.Module, x: Tensor, rope: Optional[Tensor], state: PruneState):
+    """A RoPE block (timm ``EvaBlock``) as a pure step: the host forward on the current tokens,
+    each with its own RoPE position; then, with a TSPS, the tokens are scored by this block's own
+    (unrotated, content-only) queries and keys of its input and its output is pruned."""
+    st = dataclasses.replace(state, records=[])
+    out = block._bus_host_forward(x, rope=_rope_rows(rope, st))
+    tsps: Optional[TSPS] = getattr(block, "bus_tsps", None)
+    if tsps is None:
+        return out, st
+    P, (B, N, _) = st.num_prefix, out.shape
+    n, attn = N - P, block.attn
+    h = block.norm1(x)
+    q_img, k = _rope_qk(attn, h)
+    ids = st.patch_ids if st.patch_ids is not None else tsps._initial_ids(B, N, P, x.device)
+    sizes = st.sizes if st.sizes is not None else torch.ones(B, N, device=x.device)
+    if st.text is not None and tsps.guidance in ("text", "auto"):
+        text = st.text if st.text.dim() == 3 else st.text[:, None]
+        qg, q_mask = _rope_qk(attn, block.norm1(text))[0], (st.text_mask if st.text.dim() == 3 else None)
+    else:
+        qg, q_mask = tsps._queries(attn, block.norm1, st, q_img, sizes)
+    scores = bk.relevance_scores(qg, k[:, :, P:].contiguous(), scale=attn.scale, q_mask=q_mask)
+    tsps._record(out[:, P:], scores, ids[:, P:], st)
+    count = tsps.keep if isinstance(tsps.keep, int) else max(1, math.ceil(round(tsps.keep * n, 6)))
+    if count >= n:  # nothing to drop: the block is left exactly as it was
+        return out, st
+    sel = bk.select_tokens(out, scores, count, num_prefix=P, fuse=tsps.fuse)
+    st.patch_ids, st.sizes = tsps._carry(ids, sizes, sel.indices, P)
+    return sel.tokens, st
+
+
+def _rope_block_class(cls: type) -> type:
+    if cls not in _BLOCK_CLASSES:
+
+        def forward(self, x: Tensor, rope: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
+                    is_causal: bool = False) -> Tensor:
+            holder: _Holder = self._bus_holder
+            if holder.state is None:
+                return cls.forward(self, x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+            if attn_mask is not None or is_causal:
+                raise NotImplementedError("bus.patch_timm: attn_mask/is_causal are not supported with pruning")
+            if not self._bus_pruned:
+                if holder.checkpoint and torch.is_grad_enabled():
+                    return torch.utils.checkpoint.checkpoint(cls.forward, self, x, rope=rope, use_reentrant=False)
+                return cls.forward(self, x, rope=rope)
+            return _run_step(self, _rope_block_step, x, rope)
+
+        _BLOCK_CLASSES[cls] = type(f"Pruned{cls.__name__}", (cls,),
+                                   {"forward": forward, "_bus_host_forward": cls.forward,
+                                    "__reduce_ex__": _reduce_as(cls, "rope_block")})
     return _BLOCK_CLASSES[cls]
 
 
 @contextlib.contextmanager
 def _pruning(model: nn.Module, batch: int, text: Optional[Tensor], text_mask: Optional[Tensor]):
+    """Sets up the state of one forward; afterwards keeps it as ``model.pruning_state()``.
+
+    While it runs, timm's own block checkpointing is switched off: the patched blocks checkpoint
+    themselves with the pruning state as an argument (see the module docstring)."""
     holder: _Holder = model._bus_holder
-    if holder.state is not None:  # nested call (forward -> forward_features): same state
-        yield holder.state
+    if holder.state is not None:  # nested call (forward -> forward_features): same forward
+        yield False
         return
+    if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+        raise TypeError(
+            "bus: torch.fx symbolic tracing (torch.fx.symbolic_trace, timm feature_cls='fx', torchvision "
+            "create_feature_extractor) of a patched model is not supported: the pruning state flows "
+            "from block to block outside the traced values. Use torch.export.export (fixed keep) or "
+            "torch.compile, or forward_intermediates(output_fmt='NLC') for features")
     if text is not None:
-        if text.dim() not in (2, 3) or text.shape[0] != batch or text.shape[-1] != model.embed_dim:
+        if not isinstance(text, Tensor) or text.dim() not in (2, 3) or text.shape[0] != batch or text.shape[-1] != model.embed_dim:
             raise ValueError(
-                f"bus: text must be [B={batch}, D={model.embed_dim}] or [B, T, D], got {tuple(text.shape)}"
+                f"bus: text must be [B={batch}, D={model.embed_dim}] or [B, T, D], got "
+                f"{tuple(text.shape) if isinstance(text, Tensor) else type(text).__name__}"
             )
         if text_mask is not None and (text.dim() != 3 or tuple(text_mask.shape) != tuple(text.shape[:2])):
             raise ValueError("bus: text_mask must be [B, T] matching text [B, T, D]")
+    ckpt = bool(getattr(model, "grad_checkpointing", False))
     holder.state = PruneState(batch=batch, num_prefix=model.num_prefix_tokens, text=text,
                               text_mask=None if text_mask is None else text_mask.bool())
+    holder.records, holder.block_ids, holder.checkpoint = [], {}, ckpt
+    if ckpt:
+        model.grad_checkpointing = False
     try:
-        yield holder.state
+        yield True
     finally:
-        holder.last, holder.state = holder.state, None
+        if ckpt:
+            model.grad_checkpointing = True
+        last = holder.state
+        # The finished state keeps no reference to the caller's text (and its graph).
+        holder.last = dataclasses.replace(last, text=None, text_mask=None, records=holder.records,
+                                          block_patch_ids=holder.block_ids)
+        holder.state, holder.records, holder.block_ids, holder.checkpoint = None, [], {}, False
+
+
+def _release_at_backward(model: nn.Module, out):
+    """Detaches the records of ``model.pruning_state()`` when the backward of this forward
+    starts, so that the model does not keep that forward's activations alive afterwards (a loss
+    built from the records before the backward, such as PTM, still gets its gradient)."""
+    holder: _Holder = model._bus_holder
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return out
+    last = holder.last
+
+    def release(_grad_outputs):
+        if holder.last is last and last is not None:
+            holder.last = dataclasses.replace(
+                last, records=[{k: v.detach() for k, v in r.items()} for r in last.records])
+
+    for t in torch.utils._pytree.tree_leaves(out):
+        if isinstance(t, Tensor) and t.grad_fn is not None:
+            t.grad_fn.register_prehook(release)
+    return out
 
 
 def _pruned_model_class(cls: type) -> type:
     if cls not in _MODEL_CLASSES:
 
         def forward(self, x: Tensor, text: Optional[Tensor] = None, text_mask: Optional[Tensor] = None, **kwargs):
-            with _pruning(self, x.shape[0], text, text_mask):
-                return cls.forward(self, x, **kwargs)
+            with _pruning(self, x.shape[0], text, text_mask) as outer:
+                out = cls.forward(self, x, **kwargs)
+            return _release_at_backward(self, out) if outer else out
 
         def forward_features(self, x: Tensor, text: Optional[Tensor] = None, text_mask: Optional[Tensor] = None, **kwargs):
-            with _pruning(self, x.shape[0], text, text_mask):
-                return cls.forward_features(self, x, **kwargs)
+            with _pruning(self, x.shape[0], text, text_mask) as outer:
+                out = cls.forward_features(self, x, **kwargs)
+            return _release_at_backward(self, out) if outer else out
+
+        def forward_intermediates(self, x: Tensor, *args, text: Optional[Tensor] = None,
+                                  text_mask: Optional[Tensor] = None, **kwargs):
+            """timm's ``forward_intermediates`` with pruning. Intermediates taken after the first
+            pruning layer hold the prefix tokens, the kept tokens and the fused token, so they
+            need ``output_fmt='NLC'`` (they no longer form a grid); the original patch index of
+            every token of block ``i``'s output is ``model.pruning_state().block_patch_ids[i]``
+            (-1 for prefix and fused tokens)."""
+            self._bus_check_intermediates(x, *args, **kwargs)
+            with _pruning(self, x.shape[0], text, text_mask) as outer:
+                out = cls.forward_intermediates(self, x, *args, **kwargs)
+            return _release_at_backward(self, out) if outer else out
+
+        def _bus_check_intermediates(self, x, *args, **kwargs):
+            from timm.models._features import feature_take_indices
+
+            bound = inspect.signature(cls.forward_intermediates).bind(self, x, *args, **kwargs)
+            bound.apply_defaults()
+            arg = bound.arguments
+            take, _ = feature_take_indices(len(self.blocks), arg.get("indices"))
+            pruned = [i for i in take if i >= self._bus_first_layer]
+            if not pruned or not self._bus_prunes:  # keep=1.0 leaves every token in place
+                return
+            if self._bus_mass:
+                raise NotImplementedError(
+                    "bus: forward_intermediates after a pruning layer is not supported with mass= "
+                    "(packed tokens); use a fixed keep, or take indices before layer "
+                    f"{self._bus_first_layer}")
+            if arg.get("output_fmt", "NCHW") != "NLC":
+                raise ValueError(
+                    f"bus: forward_intermediates: blocks {pruned} come after pruning, their tokens no "
+                    "longer form a grid; pass output_fmt='NLC' (each token's patch index is in "
+                    "model.pruning_state().block_patch_ids)")
 
         def pruning_state(self) -> Optional[PruneState]:
-            """The :class:`PruneState` of the last forward (records for PTM, kept patches, lengths)."""
+            """The :class:`PruneState` of the last forward (records for PTM, kept patches, lengths).
+
+            With grad enabled its ``records`` carry their autograd graph (the PTM loss
+            backpropagates through ``records[i]["scores"]``) until the backward of that forward
+            starts (then they are detached, so the model pins no activations), the next forward,
+            or :meth:`clear_pruning_state`."""
             return self._bus_holder.last
+
+        def clear_pruning_state(self) -> None:
+            """Drops the last forward's state (and any autograd graph its records hold)."""
+            self._bus_holder.last = None
+
+        def __prepare_scriptable__(self):
+            raise RuntimeError(
+                "bus: a patched model cannot be compiled with torch.jit.script (pruning changes token "
+                "counts per call and TorchScript is in maintenance upstream); use torch.compile(model), "
+                "or torch.export.export for a fixed keep")
 
         _MODEL_CLASSES[cls] = type(
             f"BUS{cls.__name__}", (cls,),
-            {"forward": forward, "forward_features": forward_features, "pruning_state": pruning_state},
+            {"forward": forward, "forward_features": forward_features,
+             "forward_intermediates": forward_intermediates, "_bus_check_intermediates": _bus_check_intermediates,
+             "pruning_state": pruning_state, "clear_pruning_state": clear_pruning_state,
+             "__prepare_scriptable__": __prepare_scriptable__, "__reduce_ex__": _reduce_as(cls, "model")},
         )
     return _MODEL_CLASSES[cls]
 
@@ -106,19 +361,31 @@ def patch_timm(
     """Patch a timm ``VisionTransformer`` in place so that it prunes patches at ``layers``.
 
     Args:
-        model: a timm ``VisionTransformer`` (``blocks`` of pre-norm blocks with a fused ``qkv``).
+        model: a timm ``VisionTransformer`` (``blocks`` of pre-norm blocks with a fused ``qkv``),
+            with or without a class token (e.g. SigLIP's MAP pooling, ``global_pool='avg'``), or
+            a timm ``Eva`` with RoPE (EVA-02; fixed keep only, pruning after the whole block and
+            attention not proportional to token sizes there).
         layers: 0-based indices of the blocks after whose attention a :class:`TSPS` prunes.
         keep: ratio in (0, 1] or count of the rankable tokens kept at each layer.
         fuse: ``"sum"``, ``"mean"`` or ``None`` (see :func:`bus_kernels.select_tokens`).
-        guidance: ``"auto"`` (text when given, else the image [CLS]), ``"text"`` or ``"cls"``.
+        guidance: ``"auto"`` (the text when given, else the image's own guide: its [CLS] query, or
+            the mean patch query for models without a class token), ``"text"``, ``"cls"`` or
+            ``"mean"``.
         mass: per-sample keep by relevance mass (varlen); later blocks run on packed tokens.
         min_keep: lower bound of the per-sample count with ``mass``.
         ptm_head: give each TSPS a linear per-patch head for the Patch-Text Matching loss.
 
-    Returns the same model. Afterwards ``model(images, text=None, text_mask=None)`` (and
-    ``forward_features``) prune, with ``text`` ``[B, D]`` (a text [CLS]) or ``[B, T, D]`` plus a
-    ``text_mask [B, T]``, already in the ViT's width D. ``keep=1.0`` gives the unpatched outputs.
-    ``model.pruning_state()`` returns the last forward's :class:`bus.PruneState`.
+    Returns the same model. Afterwards ``model(images, text=None, text_mask=None)``,
+    ``forward_features`` and ``forward_intermediates`` prune, with ``text`` ``[B, D]`` (a text
+    [CLS]) or ``[B, T, D]`` plus a ``text_mask [B, T]``, already in the ViT's width D.
+    ``keep=1.0`` gives the unpatched outputs. ``model.pruning_state()`` returns the last forward's
+    :class:`bus.PruneState`. Gradient checkpointing, ``copy.deepcopy`` (EMA) and pickling work.
+
+    Raises:
+        TypeError: the model or one of its blocks is not of the supported kind (the message says
+            which and why).
+        ValueError: bad ``layers``/``keep``/``guidance``, or ``mass=`` with a pooling that needs
+            a dense batch.
     """
     blocks = getattr(model, "blocks", None)
     if blocks is None or not hasattr(model, "num_prefix_tokens") or not hasattr(model, "embed_dim"):
@@ -128,20 +395,35 @@ def patch_timm(
     layers = sorted(set(int(i) for i in layers))
     if not layers or layers[0] < 0 or layers[-1] >= len(blocks):
         raise ValueError(f"patch_timm: layers={layers} must be block indices in [0, {len(blocks) - 1}]")
+    rope = getattr(model, "rope", None) is not None
+    if rope:  # timm Eva (EVA-02): RoPE, SwiGLU
+        if getattr(model, "rope_mixed", False):
+            raise TypeError("patch_timm: depth-dependent (mixed) RoPE is not supported; plain RoPE (EVA-02) is")
+        if mass is not None:
+            raise ValueError("patch_timm: mass= (packed tokens) is not supported for RoPE models; use a fixed keep")
     for i in range(layers[0], len(blocks)):
         attn = getattr(blocks[i], "attn", None)
-        if not all(hasattr(attn, a) for a in ("qkv", "num_heads", "head_dim", "q_norm", "k_norm", "proj")) or not hasattr(blocks[i], "ls1"):
+        if rope:
+            ok = hasattr(blocks[i], "norm1") and all(hasattr(attn, a) for a in ("qkv", "num_heads", "head_dim", "q_norm", "k_norm", "scale"))
+            if not ok or (attn.qkv is None and not hasattr(attn, "k_proj")):
+                raise TypeError(f"patch_timm: block {i} ({type(blocks[i]).__name__}) is not a pre-norm timm EvaBlock")
+        elif not all(hasattr(attn, a) for a in ("qkv", "num_heads", "head_dim", "q_norm", "k_norm", "proj")) or not hasattr(blocks[i], "ls1"):
             raise TypeError(f"patch_timm: block {i} ({type(blocks[i]).__name__}) is not a pre-norm timm Block with a fused qkv")
     if mass is not None and getattr(model, "global_pool", "token") not in ("token", ""):
         raise ValueError("patch_timm: mass= (packed tokens) needs global_pool='token'")
+    has_cls = getattr(model, "cls_token", None) is not None
+    if guidance == "cls" and not has_cls:
+        raise ValueError(f"patch_timm: guidance='cls' needs a class token; {type(model).__name__} has none "
+                         "(use guidance='auto' or 'mean': the mean patch query)")
     holder = _Holder()
     for i in layers:
         blocks[i].bus_tsps = TSPS(model.embed_dim, keep=keep, mass=mass, min_keep=min_keep, fuse=fuse,
-                                  guidance=guidance, ptm_head=ptm_head)
-    for i in range(layers[0], len(blocks)):
-        blk = blocks[i]
-        blk.__class__ = _pruned_block_class(type(blk))
-        blk._bus_holder, blk._bus_last = holder, i == len(blocks) - 1
+                                  guidance=guidance, ptm_head=ptm_head, text_free="cls" if has_cls else "mean")
+    for i, blk in enumerate(blocks):
+        blk.__class__ = (_rope_block_class if rope else _pruned_block_class)(type(blk))
+        blk._bus_holder, blk._bus_index = holder, i
+        blk._bus_pruned, blk._bus_last = i >= layers[0], i == len(blocks) - 1
     model.__class__ = _pruned_model_class(type(model))
-    model._bus_holder = holder
+    model._bus_holder, model._bus_first_layer, model._bus_mass = holder, layers[0], mass is not None
+    model._bus_prunes = mass is not None or not (isinstance(keep, float) and keep >= 1.0)
     return model

@@ -35,7 +35,8 @@ class PruneState:
     ``sizes``: float32, patches per token (``None`` until the first selection: all 1).
     ``patch_ids``: int64, the original patch index of each token (-1 for prefix and fused tokens).
     ``records``: one dict per TSPS layer (scores, patch ids, and per-patch logits with ``ptm_head``)
-    for losses and pictures.
+    for losses and pictures. ``block_patch_ids``: on the finished state of a patched model's
+    forward, the patch ids of every pruned block's output tokens (for ``forward_intermediates``).
     """
 
     batch: int
@@ -48,6 +49,8 @@ class PruneState:
     max_seqlen: int = 0
     lengths: Optional[Tensor] = None  # final per-sample lengths after unpacking
     records: list = field(default_factory=list)
+    # block index -> patch ids of that block's output tokens (set on the finished state)
+    block_patch_ids: dict = field(default_factory=dict)
 
     @property
     def packed(self) -> bool:
@@ -75,15 +78,23 @@ class TSPS(nn.Module):
             of the relevance (``select_tokens_varlen``); later blocks run on packed tokens.
         min_keep: lower bound of the per-sample count in ``mass`` mode.
         fuse: ``"sum"``, ``"mean"`` or ``None``: how dropped tokens are fused into one.
-        guidance: ``"text"``, ``"cls"`` or ``"auto"`` (text when given, else the image [CLS]).
+        guidance: ``"text"``, ``"cls"``, ``"mean"`` or ``"auto"`` (text when given, else
+            ``text_free``). ``"cls"`` scores by the image [CLS] query (EViT); ``"mean"`` by the
+            mean query of the patches (each token weighted by the patches it stands for), for
+            models without a class token (SigLIP's MAP pooling, average pooling).
         ptm_head: add a linear head giving per-patch logits for the Patch-Text Matching loss.
+        text_free: the text-free guide ``"auto"`` falls back to: ``"cls"`` or ``"mean"``.
     """
 
     def __init__(self, dim: int, *, keep=0.7, mass: Optional[float] = None, min_keep: int = 1,
-                 fuse: Optional[str] = "sum", guidance: str = "auto", ptm_head: bool = False):
+                 fuse: Optional[str] = "sum", guidance: str = "auto", ptm_head: bool = False,
+                 text_free: str = "cls"):
         super().__init__()
-        if guidance not in ("text", "cls", "auto"):
-            raise ValueError(f"TSPS: guidance={guidance!r} must be 'text', 'cls' or 'auto'")
+        if guidance not in ("text", "cls", "mean", "auto"):
+            raise ValueError(f"TSPS: guidance={guidance!r} must be 'text', 'cls', 'mean' or 'auto'")
+        if text_free not in ("cls", "mean"):
+            raise ValueError(f"TSPS: text_free={text_free!r} must be 'cls' or 'mean'")
+        self.text_free = text_free
         if mass is None and not (isinstance(keep, int) and keep >= 1 or isinstance(keep, float) and 0 < keep <= 1):
             raise ValueError(f"TSPS: keep={keep!r} must be a count >= 1 or a ratio in (0, 1]")
         self.keep, self.mass, self.min_keep, self.fuse, self.guidance = keep, mass, min_keep, fuse, guidance
@@ -91,12 +102,14 @@ class TSPS(nn.Module):
 
     def extra_repr(self) -> str:
         what = f"mass={self.mass}" if self.mass is not None else f"keep={self.keep}"
-        return f"{what}, fuse={self.fuse!r}, guidance={self.guidance!r}"
+        return f"{what}, fuse={self.fuse!r}, guidance={self.guidance!r}, text_free={self.text_free!r}"
 
     # -------------------------------------------------------------------------------- scoring
-    def _queries(self, attn: nn.Module, norm1: nn.Module, state: PruneState, q_img: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    def _queries(self, attn: nn.Module, norm1: nn.Module, state: PruneState, q_img: Tensor,
+                 sizes: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """Guidance queries [B, H, T, hd] (and their mask): the text through the block's own query
-        projection, or the image [CLS] query of this block."""
+        projection, or the image [CLS] query of this block, or its patches' mean query
+        (``sizes [B, N]``: patches per token, 0 for padding rows)."""
         use_text = state.text is not None and self.guidance in ("text", "auto")
         if self.guidance == "text" and state.text is None:
             raise ValueError("TSPS: guidance='text' needs text=... in the model call")
@@ -108,6 +121,11 @@ class TSPS(nn.Module):
             qt = F.linear(norm1(text), w, b).reshape(text.shape[0], text.shape[1], H, hd).transpose(1, 2)
             mask = state.text_mask if state.text.dim() == 3 else None
             return attn.q_norm(qt), mask
+        if self.guidance == "mean" or (self.guidance == "auto" and self.text_free == "mean"):
+            P = state.num_prefix
+            w = sizes[:, P:].to(q_img.dtype)  # a token weighs as many patches as it stands for
+            q = torch.einsum("bhnd,bn->bhd", q_img[:, :, P:], w) / w.sum(dim=1)[:, None, None]
+            return q[:, :, None], None
         if state.num_prefix < 1:
             raise ValueError("TSPS: guidance='cls' needs a class token (num_prefix_tokens >= 1)")
         return q_img[:, :, :1], None
@@ -129,11 +147,11 @@ class TSPS(nn.Module):
             return self._forward_packed(x, q, k, attn, norm1, state)
         B, N, D = x.shape
         n = N - P
-        qg, q_mask = self._queries(attn, norm1, state, q)
-        # k[:, :, P:] is a strided view of the qkv projection; the Triton kernels read it in place.
-        scores = bk.relevance_scores(qg, k[:, :, P:], scale=attn.scale, q_mask=q_mask)
         ids = state.patch_ids if state.patch_ids is not None else self._initial_ids(B, N, P, x.device)
         sizes = state.sizes if state.sizes is not None else torch.ones(B, N, device=x.device)
+        qg, q_mask = self._queries(attn, norm1, state, q, sizes)
+        # k[:, :, P:] is a strided view of the qkv projection; the Triton kernels read it in place.
+        scores = bk.relevance_scores(qg, k[:, :, P:], scale=attn.scale, q_mask=q_mask)
         self._record(x[:, P:], scores, ids[:, P:], state)
         if self.mass is None:
             count = self.keep if isinstance(self.keep, int) else max(1, math.ceil(round(self.keep * n, 6)))
@@ -152,10 +170,10 @@ class TSPS(nn.Module):
         x_pad = _pad_packed(x, state)
         q_pad = _pad_packed(q, state).transpose(1, 2)  # [B, H, L, hd]
         k_pad = _pad_packed(k, state).transpose(1, 2)
-        qg, q_mask = self._queries(attn, norm1, state, q_pad)
-        scores = self._masked_relevance(qg, k_pad[:, :, P:], q_mask, valid[:, P:], attn.scale)
         ids = _pad_packed(state.patch_ids + 1, state) - 1  # padding rows get id -1
-        sizes = _pad_packed(state.sizes, state)
+        sizes = _pad_packed(state.sizes, state)  # padding rows get size 0
+        qg, q_mask = self._queries(attn, norm1, state, q_pad, sizes)
+        scores = self._masked_relevance(qg, k_pad[:, :, P:], q_mask, valid[:, P:], attn.scale)
         self._record(x_pad[:, P:], scores, ids[:, P:], state)
         if self.mass is None:
             n_real = valid[:, P:].sum(dim=1)

@@ -1,0 +1,249 @@
+"""``patch_hf``: the TSPS drop-in for Hugging Face ``transformers`` vision towers.
+
+Covers ``ViTModel``, ``CLIPVisionModel``, ``SiglipVisionModel`` and ``Dinov2Model`` (and other
+towers whose encoder layers have a pre-attention norm and an attention with ``q_proj``/``k_proj``).
+As :func:`bus.patch_timm` does, it swaps the classes of the model and of the chosen layers for thin
+subclasses that call the host ``forward`` unchanged; nothing of transformers' forward code is
+copied. A patched layer runs as it is, then scores its patch tokens with its own attention's
+query and key projections (applied after its own pre-attention norm to the layer's input; the
+text, when given, goes through the same norm and query projection) and keeps the most relevant
+ones with :func:`bus_kernels.relevance_scores` and :func:`bus_kernels.select_tokens`, fusing the
+rest into one token. Differences from ``patch_timm``: pruning happens after the whole layer
+(attention and MLP) rather than between them, attention is not proportional to token sizes
+(transformers layers take no per-key bias), and ``mass=`` (packed tokens) is not offered.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+
+import bus_kernels as bk
+
+_NORMS = ("layernorm_before", "layer_norm1", "norm1")
+_ATTNS = ("attention", "self_attn")
+
+
+@dataclass
+class HFPruneState:
+    """The last forward of a :func:`patch_hf` model.
+
+    ``patch_ids``: int64 ``[B, N']``, the original patch index of each output token (-1 for prefix
+    and fused tokens; ``None`` when nothing was pruned). ``records``: one dict per pruning layer
+    with ``scores`` (float32 ``[B, n]``, relevance of the rankable tokens at that layer, summing to
+    1) and their ``patch_ids``.
+    """
+
+    batch: int
+    num_prefix: int = -1  # set at the first patched layer
+    text: Optional[Tensor] = None
+    text_mask: Optional[Tensor] = None
+    patch_ids: Optional[Tensor] = None
+    records: list = field(default_factory=list)
+
+
+class _Holder:
+    """The forward in flight and the last one; copies and pickles as an empty holder."""
+
+    def __init__(self):
+        self.state: Optional[HFPruneState] = None
+        self.last: Optional[HFPruneState] = None
+        self.num_patches = 0
+
+    def __deepcopy__(self, memo):
+        return _Holder()
+
+    def __reduce__(self):
+        return (_Holder, ())
+
+
+_LAYER_CLASSES: dict[type, type] = {}
+_MODEL_CLASSES: dict[type, type] = {}
+
+
+def _rebuild(host_cls: type, kind: str):
+    cls = _model_class(host_cls) if kind == "model" else _layer_class(host_cls)
+    return cls.__new__(cls)
+
+
+def _reduce_as(host_cls: type, kind: str):
+    def __reduce_ex__(self, protocol):
+        return _rebuild, (host_cls, kind), self.__getstate__()
+
+    return __reduce_ex__
+
+
+def _heads(proj: nn.Linear, h: Tensor, head_dim: int) -> Tensor:
+    B, L, _ = h.shape
+    return proj(h).view(B, L, -1, head_dim).transpose(1, 2)  # [B, H, L, hd]
+
+
+def _prune(layer: nn.Module, x_in: Tensor, out: Tensor, st: HFPruneState) -> Tensor:
+    """Scores the rankable tokens of ``x_in`` with ``layer``'s own projections; prunes ``out``."""
+    attn, norm = getattr(layer, layer._bus_attn), getattr(layer, layer._bus_norm)
+    hd = attn.head_dim
+    scale = getattr(attn, "scaling", getattr(attn, "scale", hd ** -0.5))
+    P = st.num_prefix
+    B, N, _ = out.shape
+    n = N - P
+    h = norm(x_in)
+    k = _heads(attn.k_proj, h[:, P:], hd)
+    q_mask = None
+    if st.text is not None and layer._bus_guidance in ("auto", "text"):
+        text = st.text if st.text.dim() == 3 else st.text[:, None]
+        q, q_mask = _heads(attn.q_proj, norm(text), hd), st.text_mask
+    elif layer._bus_guidance == "text":
+        raise ValueError("bus.patch_hf: guidance='text' needs text=... in the model call")
+    elif P >= 1 and layer._bus_guidance != "mean":  # the tower's [CLS] query (EViT)
+        q = _heads(attn.q_proj, h[:, :1], hd)
+    else:  # no class token (SigLIP): the mean query of the patches
+        q = _heads(attn.q_proj, h[:, P:], hd).mean(dim=2, keepdim=True)
+    scores = bk.relevance_scores(q, k.contiguous(), scale=scale, q_mask=q_mask)
+    ids = st.patch_ids
+    if ids is None:
+        ids = torch.arange(-P, n, device=out.device).expand(B, N).clone()
+        ids[:, :P] = -1
+    st.records.append({"scores": scores, "patch_ids": ids[:, P:]})
+    keep = layer._bus_keep
+    count = keep if isinstance(keep, int) else max(1, math.ceil(round(keep * n, 6)))
+    if count >= n:  # nothing to drop: the layer's output as it was
+        return out
+    sel = bk.select_tokens(out, scores, count, num_prefix=P, fuse=layer._bus_fuse)
+    parts = [ids[:, :P], ids.gather(1, sel.indices)]
+    if layer._bus_fuse is not None:
+        parts.append(torch.full_like(ids[:, :1], -1))
+    st.patch_ids = torch.cat(parts, dim=1)
+    return sel.tokens
+
+
+def _layer_class(cls: type) -> type:
+    if cls not in _LAYER_CLASSES:
+
+        def forward(self, hidden_states: Tensor, *args, **kwargs):
+            out = cls.forward(self, hidden_states, *args, **kwargs)
+            holder: _Holder = self._bus_holder
+            st = holder.state
+            if st is None:  # outside the patched model: the host layer
+                return out
+            if torch.is_grad_enabled() and self.training and getattr(self, "gradient_checkpointing", False):
+                raise NotImplementedError("bus.patch_hf: gradient checkpointing is not supported; use bus.patch_timm")
+            if st.num_prefix < 0:  # first pruning layer: every patch is still there
+                st.num_prefix = hidden_states.shape[1] - holder.num_patches
+            hs = out[0] if isinstance(out, tuple) else out
+            hs = _prune(self, hidden_states, hs, st)
+            return (hs, *out[1:]) if isinstance(out, tuple) else hs
+
+        _LAYER_CLASSES[cls] = type(f"BUS{cls.__name__}", (cls,),
+                                   {"forward": forward, "__reduce_ex__": _reduce_as(cls, "layer")})
+    return _LAYER_CLASSES[cls]
+
+
+@contextlib.contextmanager
+def _pruning(model: nn.Module, pixel_values: Tensor, text: Optional[Tensor], text_mask: Optional[Tensor]):
+    holder: _Holder = model._bus_holder
+    B, width = pixel_values.shape[0], model.config.hidden_size
+    if text is not None:
+        if not isinstance(text, Tensor) or text.dim() not in (2, 3) or text.shape[0] != B or text.shape[-1] != width:
+            raise ValueError(f"bus.patch_hf: text must be [B={B}, D={width}] or [B, T, D], got "
+                             f"{tuple(text.shape) if isinstance(text, Tensor) else type(text).__name__}")
+        if text_mask is not None and (text.dim() != 3 or tuple(text_mask.shape) != tuple(text.shape[:2])):
+            raise ValueError("bus.patch_hf: text_mask must be [B, T] matching text [B, T, D]")
+    p = model.config.patch_size
+    p = p if isinstance(p, int) else p[0]
+    holder.num_patches = (pixel_values.shape[-2] // p) * (pixel_values.shape[-1] // p)
+    holder.state = HFPruneState(batch=B, text=text, text_mask=None if text_mask is None else text_mask.bool())
+    try:
+        yield
+    finally:
+        st, holder.state = holder.state, None
+        st.text = st.text_mask = None
+        holder.last = st
+
+
+def _model_class(cls: type) -> type:
+    if cls not in _MODEL_CLASSES:
+
+        def forward(self, pixel_values: Optional[Tensor] = None, *args, text: Optional[Tensor] = None,
+                    text_mask: Optional[Tensor] = None, **kwargs):
+            if pixel_values is None:
+                raise ValueError("bus.patch_hf: pixel_values is required")
+            with _pruning(self, pixel_values, text, text_mask):
+                return cls.forward(self, pixel_values, *args, **kwargs)
+
+        def pruning_state(self) -> Optional[HFPruneState]:
+            """The :class:`HFPruneState` of the last forward (scores, kept patch ids)."""
+            return self._bus_holder.last
+
+        _MODEL_CLASSES[cls] = type(f"BUS{cls.__name__}", (cls,),
+                                   {"forward": forward, "pruning_state": pruning_state,
+                                    "__reduce_ex__": _reduce_as(cls, "model")})
+    return _MODEL_CLASSES[cls]
+
+
+def _find_layers(model: nn.Module) -> nn.ModuleList:
+    for path in ("layers", "encoder.layers", "encoder.layer", "vision_model.encoder.layers"):
+        mod = model
+        for part in path.split("."):
+            mod = getattr(mod, part, None)
+        if isinstance(mod, nn.ModuleList):
+            return mod
+    raise TypeError(f"patch_hf: found no encoder layer list in {type(model).__name__} "
+                    "(looked for layers, encoder.layers, encoder.layer)")
+
+
+def patch_hf(model: nn.Module, *, layers: Iterable[int] = (4, 7, 10), keep=0.7, fuse: Optional[str] = "sum",
+             guidance: str = "auto") -> nn.Module:
+    """Patch a ``transformers`` vision tower in place so that it prunes patches after ``layers``.
+
+    Args:
+        model: ``ViTModel``, ``CLIPVisionModel``, ``SiglipVisionModel``, ``Dinov2Model`` (or a
+            tower with the same layer layout: a pre-attention norm ``layernorm_before``,
+            ``layer_norm1`` or ``norm1``, an ``attention``/``self_attn`` with ``q_proj``, ``k_proj``
+            and ``head_dim``).
+        layers: 0-based indices of the encoder layers after which tokens are pruned.
+        keep: ratio in (0, 1] or count (int >= 1) of the rankable tokens kept at each layer.
+        fuse: ``"sum"``, ``"mean"`` or ``None`` (see :func:`bus_kernels.select_tokens`).
+        guidance: ``"auto"`` (the text when given, else the [CLS] query, or the mean patch query
+            for towers without a class token such as SigLIP), ``"text"``, ``"cls"`` or ``"mean"``.
+
+    Afterwards ``model(pixel_values, text=None, text_mask=None, ...)`` prunes; ``text`` is
+    ``[B, D]`` or ``[B, T, D]`` (+ ``text_mask [B, T]``) in the tower's width ``D =
+    config.hidden_size``. The output is the tower's usual output on the kept tokens (prefix
+    tokens first, then the kept patches in order, then the fused token). ``keep=1.0`` returns
+    exactly the unpatched outputs. ``model.pruning_state()`` gives the last forward's
+    :class:`HFPruneState`.
+    """
+    if not hasattr(model, "config") or not hasattr(model.config, "hidden_size") or not hasattr(model.config, "patch_size"):
+        raise TypeError(f"patch_hf: expected a transformers vision tower, got {type(model).__name__}")
+    if getattr(model, "_bus_holder", None) is not None:
+        raise ValueError("patch_hf: this model is already patched")
+    if guidance not in ("auto", "text", "cls", "mean"):
+        raise ValueError(f"patch_hf: guidance={guidance!r} must be 'auto', 'text', 'cls' or 'mean'")
+    if not (isinstance(keep, int) and not isinstance(keep, bool) and keep >= 1 or isinstance(keep, float) and 0 < keep <= 1):
+        raise ValueError(f"patch_hf: keep={keep!r} must be a count >= 1 or a ratio in (0, 1]")
+    if fuse not in ("sum", "mean", None):
+        raise ValueError(f"patch_hf: fuse={fuse!r} must be 'sum', 'mean' or None")
+    blocks = _find_layers(model)
+    layers = sorted(set(int(i) for i in layers))
+    if not layers or layers[0] < 0 or layers[-1] >= len(blocks):
+        raise ValueError(f"patch_hf: layers={layers} must be layer indices in [0, {len(blocks) - 1}]")
+    if guidance == "cls" and "siglip" in type(model).__name__.lower():
+        raise ValueError("patch_hf: guidance='cls' needs a class token; SigLIP towers have none (use 'auto' or 'mean')")
+    holder = _Holder()
+    for i in layers:
+        layer = blocks[i]
+        norm = next((n for n in _NORMS if isinstance(getattr(layer, n, None), nn.Module)), None)
+        attn = next((a for a in _ATTNS if hasattr(getattr(layer, a, None), "q_proj")), None)
+        if norm is None or attn is None or not hasattr(getattr(layer, attn), "head_dim"):
+            raise TypeError(f"patch_hf: layer {i} ({type(layer).__name__}) has no pre-attention norm "
+                            f"({'/'.join(_NORMS)}) or attention with q_proj/k_proj/head_dim")
+        layer.__class__ = _layer_class(type(layer))
+        layer._bus_holder, layer._bus_norm, layer._bus_attn = holder, norm, attn
+        layer._bus_keep, layer._bus_fuse, layer._bus_guidance = keep, fuse, guidance
+    model.__class__ = _model_class(type(model))
+    model._bus_holder = holder
+    return model

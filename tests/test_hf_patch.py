@@ -1,0 +1,118 @@
+"""bus.patch_hf on transformers vision towers built from tiny configs (random weights)."""
+import copy
+import io
+
+import pytest
+import torch
+
+T = pytest.importorskip("transformers")
+
+import bus  # noqa: E402
+
+SIZE = dict(image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=4, num_attention_heads=4)
+TOWERS = {
+    "ViTModel": lambda: T.ViTModel(T.ViTConfig(intermediate_size=64, **SIZE)),
+    "CLIPVisionModel": lambda: T.CLIPVisionModel(T.CLIPVisionConfig(intermediate_size=64, **SIZE)),
+    "SiglipVisionModel": lambda: T.SiglipVisionModel(T.SiglipVisionConfig(intermediate_size=64, **SIZE)),
+    "Dinov2Model": lambda: T.Dinov2Model(T.Dinov2Config(mlp_ratio=2, **SIZE)),
+}
+PREFIX = {"ViTModel": 1, "CLIPVisionModel": 1, "SiglipVisionModel": 0, "Dinov2Model": 1}
+
+
+def images(B=2, seed=0):
+    return torch.randn(B, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", list(TOWERS))
+def test_keep_one_returns_exactly_the_unpatched_outputs(name):
+    torch.manual_seed(0)
+    model = TOWERS[name]().eval()
+    x = images()
+    with torch.no_grad():
+        want = model(pixel_values=x)
+        bus.patch_hf(model, layers=(1, 2), keep=1.0)
+        got, got_text = model(pixel_values=x), model(pixel_values=x, text=torch.randn(2, 32))
+    for out in (got, got_text):
+        torch.testing.assert_close(out.last_hidden_state, want.last_hidden_state, rtol=0, atol=0)
+        torch.testing.assert_close(out.pooler_output, want.pooler_output, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(TOWERS))
+def test_pruning_shapes_text_guidance_and_backward(name):
+    torch.manual_seed(0)
+    model = bus.patch_hf(TOWERS[name]().train(), layers=(1, 2), keep=0.5)
+    P = PREFIX[name]
+    x = images(3)
+    out = model(pixel_values=x)
+    # 16 patches -> 8 + fused -> 9 rankable -> 5 + fused
+    assert out.last_hidden_state.shape == (3, P + 6, 32)
+    free = model.pruning_state()
+    assert free.num_prefix == P and len(free.records) == 2 and free.patch_ids.shape == (3, P + 6)
+    torch.testing.assert_close(free.records[0]["scores"].sum(-1), torch.ones(3))
+    (out.last_hidden_state.square().mean() + out.pooler_output.sum()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None
+               and not n.startswith(("pooler", "head")) and "mask_token" not in n]  # unused without masking
+    assert not missing, missing
+    with torch.no_grad():
+        model(pixel_values=x, text=torch.randn(3, 32) * 5)
+        guided = model.pruning_state()
+        model(pixel_values=x, text=torch.randn(3, 4, 32), text_mask=torch.tensor([[1, 1, 0, 0]] * 3).bool())
+    assert not torch.equal(guided.records[0]["scores"], free.records[0]["scores"])
+
+
+def test_text_scores_use_the_layers_own_projections():
+    """ViT layer 1: the text through layernorm_before + q_proj against the patches' keys, by hand."""
+    torch.manual_seed(0)
+    model = bus.patch_hf(TOWERS["ViTModel"]().eval(), layers=(1,), keep=0.5)
+    seen = {}
+    model.layers[1].register_forward_pre_hook(
+        lambda m, a, kw: seen.update(x=a[0] if a else kw["hidden_states"]), with_kwargs=True)
+    t = torch.randn(2, 32)
+    with torch.no_grad():
+        model(pixel_values=images(), text=t)
+        layer = model.layers[1]
+        h, a = layer.layernorm_before(seen["x"]), layer.attention
+        q = a.q_proj(layer.layernorm_before(t)).view(2, 1, 4, 8).transpose(1, 2)
+        k = a.k_proj(h[:, 1:]).view(2, 16, 4, 8).transpose(1, 2)
+        want = (q @ k.transpose(-1, -2) * 8 ** -0.5).softmax(-1).mean(1)[:, 0]
+    torch.testing.assert_close(model.pruning_state().records[0]["scores"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_deepcopy_and_pickle():
+    model = bus.patch_hf(TOWERS["CLIPVisionModel"]().train(), layers=(1,), keep=0.5)
+    x, t = images(), torch.randn(2, 32)
+    model(pixel_values=x, text=t)  # a training forward with its graph alive
+    twin = copy.deepcopy(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)  # our own bytes: a whole pickled module
+    with torch.no_grad():
+        want = model.eval()(pixel_values=x, text=t).last_hidden_state
+        for other in (twin, loaded):
+            assert type(other) is type(model) and other.pruning_state() is None
+            torch.testing.assert_close(other.eval()(pixel_values=x, text=t).last_hidden_state, want, rtol=0, atol=0)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="transformers vision tower"):
+        bus.patch_hf(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="layers"):
+        bus.patch_hf(TOWERS["ViTModel"](), layers=(4,))
+    with pytest.raises(ValueError, match="keep"):
+        bus.patch_hf(TOWERS["ViTModel"](), keep=0.0)
+    with pytest.raises(ValueError, match="class token"):
+        bus.patch_hf(TOWERS["SiglipVisionModel"](), layers=(1,), guidance="cls")
+    model = bus.patch_hf(TOWERS["ViTModel"](), layers=(1,))
+    with pytest.raises(ValueError, match="already patched"):
+        bus.patch_hf(model)
+    with pytest.raises(ValueError, match="text must be"):
+        model(pixel_values=images(), text=torch.randn(2, 31))
+
+
+def test_gradient_checkpointing_is_refused_clearly():
+    model = TOWERS["ViTModel"]().train()
+    model.gradient_checkpointing_enable()
+    bus.patch_hf(model, layers=(1,), keep=0.5)
+    with pytest.raises(NotImplementedError, match="gradient checkpointing is not supported"):
+        model(pixel_values=images())
