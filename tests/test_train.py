@@ -205,7 +205,7 @@ def test_preset_resolves_presets_added_to_busconfig(monkeypatch):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--preset", "huge"], "--preset 'huge': no such BUSConfig preset; available: base, tiny"),
+    (["--preset", "huge"], "--preset 'huge': no such BUSConfig preset; available: base, paper, paper_tiny, tiny"),
     (["--preset", "tiny", "--size", "base"], "--preset and --size both name the model's size"),
 ])
 def test_bad_preset_gives_clear_error(argv, message, capsys):
