@@ -127,20 +127,22 @@ def test_grad_checkpointing_gives_the_same_gradients(mode):
     torch.testing.assert_close(got["ckpt"][2], got["ref"][2], rtol=1e-5, atol=1e-6)
 
 
-def saved_activation_bytes(fn):
-    """Bytes of the distinct storages autograd saves for backward while ``fn()`` runs (what a
-    training step keeps between forward and backward). Tensors saved inside a non-reentrant
-    checkpoint are not saved (the checkpoint's own hooks store none), only its inputs."""
-    seen = {}
+def _load_example(name: str):
+    """The module ``examples/<name>.py`` (examples are scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
 
-    def pack(t):
-        s = t.untyped_storage()
-        seen[s.data_ptr()] = s.nbytes()
-        return t
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(seen.values())
+
+# Bytes of the distinct storages autograd saves for backward while fn() runs; the example's
+# counter, so the README's figure and this test measure the same thing. Tensors saved inside a
+# non-reentrant checkpoint are not saved (its hooks store none), only its inputs.
+saved_activation_bytes = _load_example("checkpoint_memory").saved_activation_bytes
 
 
 def test_grad_checkpointing_saves_activation_memory():
