@@ -17,6 +17,13 @@ How it stays compatible with timm's training tools:
 - **deepcopy / EMA / pickling**: the per-forward state lives in a :class:`_Holder` that copies
   and pickles as an empty one, and the generated classes pickle as "host class + patch", so
   ``copy.deepcopy``, ``timm.utils.ModelEmaV3`` and ``torch.save(model)`` work.
+- **torch.fx** (``symbolic_trace``, timm / torchvision ``create_feature_extractor``,
+  ``FeatureGraphNet``): every block from the first pruning layer on is traced as one leaf node
+  that prunes in eager mode inside (see ``_trace_block``), so no traced value depends on the
+  pruning; the rest of the model is traced as timm's.
+- **torch.compile with** ``mass=``: ``max_keep=`` bounds the per-sample counts; the blocks after
+  the first pruning layer then run on a fixed-shape padded batch (see :mod:`bus.tsps`): no graph
+  break, no host sync.
 - **RoPE models** (timm ``Eva``, EVA-02): the host ``EvaBlock`` forward runs on the current
   tokens with each token's own RoPE row (gathered by its patch id; the fused token gets the
   identity rotation), and a TSPS prunes the block's output (:func:`_rope_block_step`).

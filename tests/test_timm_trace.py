@@ -302,3 +302,21 @@ def test_fx_trace_trains():
     for n, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(g_graph[n], p.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("family", ["deit distilled (2 prefix)", "vit + registers", "siglip (MAP pool, no class token)",
+                                    "gap (avg pool, no class token)", "eva02 (RoPE, SwiGLU)"])
+def test_fx_symbolic_trace_other_families(family):
+    from test_timm_patch import FAMILIES
+
+    torch.manual_seed(0)
+    model = bus.patch_timm(FAMILIES[family]().eval(), layers=(1, 2), keep=0.5)
+    gm = torch.fx.symbolic_trace(model)
+    x, t = images(2), torch.randn(2, 64) * 3
+    with torch.no_grad():
+        for kw in (dict(), dict(text=t)):
+            want = model(x, **kw)
+            ids = model.pruning_state().patch_ids.tolist()
+            model.clear_pruning_state()
+            torch.testing.assert_close(gm(x, **kw), want, rtol=1e-5, atol=1e-6)
+            assert model.pruning_state().patch_ids.tolist() == ids
