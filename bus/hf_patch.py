@@ -11,18 +11,30 @@ ones with :func:`bus_kernels.relevance_scores` and :func:`bus_kernels.select_tok
 rest into one token. Differences from ``patch_timm``: pruning happens after the whole layer
 (attention and MLP) rather than between them, attention is not proportional to token sizes
 (transformers layers take no per-key bias), and ``mass=`` (packed tokens) is not offered.
+
+Gradient checkpointing (``model.gradient_checkpointing_enable()``): a patched layer is a pure step
+``(hidden states, HFPruneState in) -> (output, HFPruneState out)`` (:func:`_layer_step`); with
+checkpointing on it checkpoints that step itself (non-reentrant ``torch.utils.checkpoint``) with
+the state as an argument, so the recompute sees the original inputs; transformers' own
+checkpointing wrapper is kept off the patched layer (it would recompute the layer after the
+forward's state is gone).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 import bus_kernels as bk
+
+from ._patching import StateHolder, check_text, reduce_as
 
 _NORMS = ("layernorm_before", "layer_norm1", "norm1")
 _ATTNS = ("attention", "self_attn")
@@ -44,21 +56,15 @@ class HFPruneState:
     text_mask: Optional[Tensor] = None
     patch_ids: Optional[Tensor] = None
     records: list = field(default_factory=list)
+    num_patches: int = 0  # patches of this forward's images (the rest of the first layer's input is prefix)
 
 
-class _Holder:
+class _Holder(StateHolder):
     """The forward in flight and the last one; copies and pickles as an empty holder."""
 
     def __init__(self):
         self.state: Optional[HFPruneState] = None
         self.last: Optional[HFPruneState] = None
-        self.num_patches = 0
-
-    def __deepcopy__(self, memo):
-        return _Holder()
-
-    def __reduce__(self):
-        return (_Holder, ())
 
 
 _LAYER_CLASSES: dict[type, type] = {}
@@ -71,10 +77,7 @@ def _rebuild(host_cls: type, kind: str):
 
 
 def _reduce_as(host_cls: type, kind: str):
-    def __reduce_ex__(self, protocol):
-        return _rebuild, (host_cls, kind), self.__getstate__()
-
-    return __reduce_ex__
+    return reduce_as(_rebuild, host_cls, kind)
 
 
 def _heads(proj: nn.Linear, h: Tensor, head_dim: int) -> Tensor:
@@ -120,25 +123,47 @@ def _prune(layer: nn.Module, x_in: Tensor, out: Tensor, st: HFPruneState) -> Ten
     return sel.tokens
 
 
+def _layer_step(layer: nn.Module, host_forward, hidden_states: Tensor, st_in: HFPruneState, args: tuple, kwargs: dict):
+    """A patched layer as a pure function of its inputs: the host layer, then the pruning of its
+    output; returns ``(output, new state)`` and leaves ``st_in`` as it was, so that running it
+    again on the same inputs (a checkpoint's recompute) does the same work."""
+    st = dataclasses.replace(st_in, records=list(st_in.records))
+    out = host_forward(layer, hidden_states, *args, **kwargs)
+    if st.num_prefix < 0:  # first pruning layer: every patch is still there
+        st.num_prefix = hidden_states.shape[1] - st.num_patches
+    hs = out[0] if isinstance(out, tuple) else out
+    hs = _prune(layer, hidden_states, hs, st)
+    return ((hs, *out[1:]) if isinstance(out, tuple) else hs), st
+
+
+def _checkpointing(layer: nn.Module) -> bool:
+    return bool(getattr(layer, "gradient_checkpointing", False)) and layer.training and torch.is_grad_enabled()
+
+
 def _layer_class(cls: type) -> type:
     if cls not in _LAYER_CLASSES:
 
         def forward(self, hidden_states: Tensor, *args, **kwargs):
-            out = cls.forward(self, hidden_states, *args, **kwargs)
             holder: _Holder = self._bus_holder
             st = holder.state
-            if st is None:  # outside the patched model: the host layer
-                return out
-            if torch.is_grad_enabled() and self.training and getattr(self, "gradient_checkpointing", False):
-                raise NotImplementedError("bus.patch_hf: gradient checkpointing is not supported; use bus.patch_timm")
-            if st.num_prefix < 0:  # first pruning layer: every patch is still there
-                st.num_prefix = hidden_states.shape[1] - holder.num_patches
-            hs = out[0] if isinstance(out, tuple) else out
-            hs = _prune(self, hidden_states, hs, st)
-            return (hs, *out[1:]) if isinstance(out, tuple) else hs
+            if st is None:  # outside the patched model: the host layer (checkpointed as transformers does)
+                if _checkpointing(self) and hasattr(self, "_gradient_checkpointing_func"):
+                    return self._gradient_checkpointing_func(partial(cls.forward, self, **kwargs), hidden_states, *args)
+                return cls.forward(self, hidden_states, *args, **kwargs)
+            if _checkpointing(self):
+                out, holder.state = torch.utils.checkpoint.checkpoint(
+                    _layer_step, self, cls.forward, hidden_states, st, args, kwargs, use_reentrant=False)
+            else:
+                out, holder.state = _layer_step(self, cls.forward, hidden_states, st, args, kwargs)
+            return out
 
-        _LAYER_CLASSES[cls] = type(f"BUS{cls.__name__}", (cls,),
-                                   {"forward": forward, "__reduce_ex__": _reduce_as(cls, "layer")})
+        new = type(f"BUS{cls.__name__}", (cls,), {"forward": forward, "__reduce_ex__": _reduce_as(cls, "layer")})
+        # transformers (GradientCheckpointingLayer.__init_subclass__) wraps the forward of every
+        # subclass in its checkpointing; that would recompute the pruning after the forward's
+        # state is gone, so the patched layer keeps its own forward and checkpoints its pure step.
+        # The host forward called inside is then not the outermost one and does not checkpoint.
+        new.forward = forward
+        _LAYER_CLASSES[cls] = new
     return _LAYER_CLASSES[cls]
 
 
@@ -146,22 +171,16 @@ def _layer_class(cls: type) -> type:
 def _pruning(model: nn.Module, pixel_values: Tensor, text: Optional[Tensor], text_mask: Optional[Tensor]):
     holder: _Holder = model._bus_holder
     B, width = pixel_values.shape[0], model.config.hidden_size
-    if text is not None:
-        if not isinstance(text, Tensor) or text.dim() not in (2, 3) or text.shape[0] != B or text.shape[-1] != width:
-            raise ValueError(f"bus.patch_hf: text must be [B={B}, D={width}] or [B, T, D], got "
-                             f"{tuple(text.shape) if isinstance(text, Tensor) else type(text).__name__}")
-        if text_mask is not None and (text.dim() != 3 or tuple(text_mask.shape) != tuple(text.shape[:2])):
-            raise ValueError("bus.patch_hf: text_mask must be [B, T] matching text [B, T, D]")
+    check_text("bus.patch_hf", text, text_mask, B, width)
     p = model.config.patch_size
     p = p if isinstance(p, int) else p[0]
-    holder.num_patches = (pixel_values.shape[-2] // p) * (pixel_values.shape[-1] // p)
-    holder.state = HFPruneState(batch=B, text=text, text_mask=None if text_mask is None else text_mask.bool())
+    holder.state = HFPruneState(batch=B, text=text, text_mask=None if text_mask is None else text_mask.bool(),
+                                num_patches=(pixel_values.shape[-2] // p) * (pixel_values.shape[-1] // p))
     try:
         yield
     finally:
         st, holder.state = holder.state, None
-        st.text = st.text_mask = None
-        holder.last = st
+        holder.last = dataclasses.replace(st, text=None, text_mask=None)  # no reference to the caller's text
 
 
 def _model_class(cls: type) -> type:

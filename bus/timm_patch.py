@@ -43,16 +43,16 @@ from torch import Tensor, nn
 
 import bus_kernels as bk
 
+from ._patching import StateHolder, check_text, reduce_as
 from .tsps import PruneState, TSPS, pruned_block_forward
 
 
-class _Holder:
+class _Holder(StateHolder):
     """Per-forward state shared by a patched model and its patched blocks.
 
     ``state``: the state between blocks of the forward in flight (``None`` outside a forward);
     ``last``: the finished state of the last forward (``model.pruning_state()``). A copy or a
-    pickle of the model gets an empty holder: a state holds tensors of one forward (possibly with
-    their autograd graph), which are neither copyable nor worth saving.
+    pickle of the model gets an empty holder (:class:`bus._patching.StateHolder`).
     """
 
     def __init__(self):
@@ -63,12 +63,6 @@ class _Holder:
         self.checkpoint = False
         self.eager = False  # a forward of the patched model (not of a traced graph) is in flight
         self.tracing: Optional[dict] = None  # the model's traced inputs while torch.fx traces it
-
-    def __deepcopy__(self, memo):
-        return _Holder()
-
-    def __reduce__(self):
-        return (_Holder, ())
 
 
 _BLOCK_CLASSES: dict[type, type] = {}
@@ -84,11 +78,7 @@ def _rebuild(host_cls: type, kind: str):
 
 
 def _reduce_as(host_cls: type, kind: str):
-    def __reduce_ex__(self, protocol):
-        # The generated class is not importable by name: pickle "host class + kind" instead.
-        return _rebuild, (host_cls, kind), self.__getstate__()
-
-    return __reduce_ex__
+    return reduce_as(_rebuild, host_cls, kind)
 
 
 def _block_step(block: nn.Module, x: Tensor, state: PruneState):
@@ -259,14 +249,7 @@ def _pruning(model: nn.Module, batch: int, text: Optional[Tensor], text_mask: Op
 def _begin(holder: _Holder, batch: int, width: int, num_prefix: int, text: Optional[Tensor],
            text_mask: Optional[Tensor], checkpoint: bool) -> None:
     """Checks the text and starts the pruning state of one forward."""
-    if text is not None:
-        if not isinstance(text, Tensor) or text.dim() not in (2, 3) or text.shape[0] != batch or text.shape[-1] != width:
-            raise ValueError(
-                f"bus: text must be [B={batch}, D={width}] or [B, T, D], got "
-                f"{tuple(text.shape) if isinstance(text, Tensor) else type(text).__name__}"
-            )
-        if text_mask is not None and (text.dim() != 3 or tuple(text_mask.shape) != tuple(text.shape[:2])):
-            raise ValueError("bus: text_mask must be [B, T] matching text [B, T, D]")
+    check_text("bus", text, text_mask, batch, width)
     holder.state = PruneState(batch=batch, num_prefix=num_prefix, text=text,
                               text_mask=None if text_mask is None else text_mask.bool())
     holder.records, holder.block_ids, holder.checkpoint = [], {}, checkpoint

@@ -19,6 +19,11 @@ TOWERS = {
 PREFIX = {"ViTModel": 1, "CLIPVisionModel": 1, "SiglipVisionModel": 0, "Dinov2Model": 1}
 
 
+def enable_checkpointing(model):
+    """transformers >= 5 names it activation_checkpointing_enable (the old name warns)."""
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+
+
 def images(B=2, seed=0):
     return torch.randn(B, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
 
@@ -110,9 +115,45 @@ def test_bad_arguments():
         model(pixel_values=images(), text=torch.randn(2, 31))
 
 
-def test_gradient_checkpointing_is_refused_clearly():
-    model = TOWERS["ViTModel"]().train()
-    model.gradient_checkpointing_enable()
-    bus.patch_hf(model, layers=(1,), keep=0.5)
-    with pytest.raises(NotImplementedError, match="gradient checkpointing is not supported"):
-        model(pixel_values=images())
+@pytest.mark.parametrize("name", list(TOWERS))
+def test_gradient_checkpointing_gives_the_same_gradients(name):
+    """gradient_checkpointing_enable() on a patched tower: same outputs, records and gradients
+    (parameters and text) as without it; only the patched layers' checkpoint is ours."""
+    torch.manual_seed(0)
+    ref = TOWERS[name]().train()
+    ckpt = copy.deepcopy(ref)
+    enable_checkpointing(ckpt)
+    bus.patch_hf(ref, layers=(1, 2), keep=0.5)
+    bus.patch_hf(ckpt, layers=(1, 2), keep=0.5)
+    assert all(layer.gradient_checkpointing for layer in bus.hf_patch._find_layers(ckpt))
+    x = images(3)
+    got = {}
+    for label, m in (("ref", ref), ("ckpt", ckpt)):
+        t = torch.randn(3, 4, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 1, 0]]).bool()
+        torch.manual_seed(2)  # the same dropout draws (none at these configs' defaults)
+        out = m(pixel_values=x, text=t, text_mask=mask).last_hidden_state
+        st = m.pruning_state()
+        loss = out.square().mean() + sum(r["scores"].square().sum() for r in st.records)
+        loss.backward()
+        got[label] = (out.detach(), st.patch_ids, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}, t.grad)
+    (o1, i1, g1, t1), (o2, i2, g2, t2) = got["ref"], got["ckpt"]
+    torch.testing.assert_close(o2, o1, rtol=0, atol=0)
+    assert torch.equal(i2, i1)
+    assert g1.keys() == g2.keys() and len(g1) > 10
+    for n in g1:
+        torch.testing.assert_close(g2[n], g1[n], rtol=1e-5, atol=1e-6, msg=n)
+    torch.testing.assert_close(t2, t1, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_checkpointing_saves_activations_in_patched_layers():
+    """The patched layers' checkpoint keeps their activations out of the saved tensors."""
+    from test_timm_patch import saved_activation_bytes
+
+    torch.manual_seed(0)
+    model = bus.patch_hf(TOWERS["ViTModel"]().train(), layers=(1, 2, 3), keep=0.5)
+    x = images(4)
+    _, dense = saved_activation_bytes(lambda: model(pixel_values=x).last_hidden_state)
+    enable_checkpointing(model)
+    _, ckpt = saved_activation_bytes(lambda: model(pixel_values=x).last_hidden_state)
+    assert ckpt < 0.5 * dense, (ckpt, dense)
