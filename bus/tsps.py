@@ -303,7 +303,8 @@ class TSPS(nn.Module):
             in_keep = torch.zeros(B, n, dtype=torch.bool, device=dev).scatter(1, kept, real)
             dropped = real_r & ~in_keep
             w = scores.float().masked_fill(~dropped, 0.0)
-            fused = torch.bmm(w[:, None], patches.float())  # [B, 1, D], fp32 accumulation
+            # [B, 1, D] accumulated in fp32 (a product and a sum: autocast leaves them in fp32)
+            fused = (w[..., None] * patches.float()).sum(dim=1, keepdim=True)
             if self.fuse == "mean":
                 total = w.sum(dim=1)[:, None, None]
                 fused = torch.where(total > 0, fused / total.clamp(min=torch.finfo(torch.float32).tiny), 0.0)

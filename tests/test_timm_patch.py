@@ -103,7 +103,7 @@ def test_mean_guidance_in_packed_mode_weights_tokens_by_size():
 
 
 # ------------------------------------------------------------------- gradient checkpointing
-@pytest.mark.parametrize("mode", [dict(keep=0.5), dict(mass=0.6)])
+@pytest.mark.parametrize("mode", [dict(keep=0.5), dict(mass=0.6), dict(mass=0.6, max_keep=0.5)])
 def test_grad_checkpointing_gives_the_same_gradients(mode):
     torch.manual_seed(0)
     ref = bus.patch_timm(FAMILIES["vit (class token)"](drop_path_rate=0.2).train(), layers=(1, 2), ptm_head=True, **mode)

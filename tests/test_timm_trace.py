@@ -320,3 +320,19 @@ def test_fx_symbolic_trace_other_families(family):
             model.clear_pruning_state()
             torch.testing.assert_close(gm(x, **kw), want, rtol=1e-5, atol=1e-6)
             assert model.pruning_state().patch_ids.tolist() == ids
+
+
+def test_bounded_mass_under_bf16_autocast():
+    """bf16 autocast: the bounded layout runs forward and backward, finite."""
+    torch.manual_seed(0)
+    model = bus.patch_timm(vit().train(), layers=(1, 2), mass=0.6, max_keep=0.5)
+    x, (text, mask) = images(3), text_inputs(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = model.forward_features(x, text=text, text_mask=mask)
+        out = model.forward_head(feats)
+    st = model.pruning_state()
+    assert feats.shape == (3, 1 + 5 + 1, 64)  # bounds: 8 of 16 patches, then ceil(0.5 * (8 + fused)) = 5
+    assert torch.isfinite(out).all() and torch.isfinite(feats).all()
+    assert ((st.lengths >= 3) & (st.lengths <= feats.shape[1])).all()
+    out.float().square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
