@@ -238,15 +238,7 @@ class TSPS(nn.Module):
         return min(n, max(1, math.ceil(round(spec * n, 6))))
 
     def _mass_count(self, scores: Tensor) -> Tensor:
-        """int64 ``[B]``: the count ``select_tokens_varlen(mass=...)`` keeps, without its host sync.
-
-        The same rule (``bus_kernels.reference.mass_keep``): shares from a float64 running sum in
-        rank order, the smallest top set reaching ``mass``, at least ``min_keep``; the public API
-        returns the count only with the packed selection, whose size needs the count on the host."""
-        ranked = torch.sort(scores.double(), dim=1, descending=True, stable=True).values
-        cum = ranked.cumsum(dim=1)
-        share = cum / cum[:, -1:]
-        return ((share < self.mass).sum(dim=1) + 1).clamp(max=scores.shape[1]).clamp(min=self.min_keep)
+        return mass_count(scores, self.mass, self.min_keep)
 
     def _forward_padded(self, x, q, k, attn, norm1, state):
         """A later TSPS layer on the bounded layout ``[B, L, D]`` (rows ``>= lengths[b]`` padding)."""
@@ -272,49 +264,9 @@ class TSPS(nn.Module):
 
     def _select_padded(self, x: Tensor, scores: Tensor, ids: Tensor, sizes: Tensor, keep: Tensor,
                        n_real: Tensor, bound: int, state: PruneState) -> Tensor:
-        """Per-sample selection into the bounded layout ``[B, P + bound + fused, D]``.
-
-        ``x [B, N, D]`` with rankable rows ``P + j`` real for ``j < n_real[b]``; ``scores [B, N - P]``
-        (0 on padding); ``keep [B]`` wanted counts, clamped to ``bound`` and ``n_real``. Sample b's
-        rows: prefix, its kept tokens in index order, its fused token (``fuse`` of its dropped
-        real tokens, as :func:`bus_kernels.select_tokens` does), then zero rows of size 0. Ranking
-        is the contract's (higher score first, lower index on ties)."""
-        P = state.num_prefix
-        B, N, D = x.shape
-        n, M, F_ = N - P, bound, int(self.fuse is not None)
-        dev = x.device
-        keep = torch.minimum(keep.clamp(max=M), n_real)
-        real_r = torch.arange(n, device=dev)[None, :] < n_real[:, None]
-        # padding ranks last whatever its score (real scores are probabilities, >= 0)
-        top = torch.sort(scores.masked_fill(~real_r, -1.0), dim=1, descending=True, stable=True).indices[:, :M]
-        real = torch.arange(M, device=dev)[None, :] < keep[:, None]
-        # kept tokens in index order first, then the unused top slots (their rows become padding)
-        key = torch.sort(torch.where(real, top, top + n), dim=1).values
-        kept = torch.where(key >= n, key - n, key)
-        patches = x[:, P:]
-        kept_x = patches.gather(1, kept[..., None].expand(B, M, D))
-        kept_ids = ids[:, P:].gather(1, kept).masked_fill(~real, -1)
-        kept_sizes = sizes[:, P:].gather(1, kept).masked_fill(~real, 0.0)
-        slot = torch.arange(M + F_, device=dev)[None, :]
-        body = F.pad(kept_x, (0, 0, 0, F_)).masked_fill((slot >= keep[:, None])[..., None], 0.0)
-        body_ids = F.pad(kept_ids, (0, F_), value=-1)
-        body_sizes = F.pad(kept_sizes, (0, F_))
-        if F_:
-            in_keep = torch.zeros(B, n, dtype=torch.bool, device=dev).scatter(1, kept, real)
-            dropped = real_r & ~in_keep
-            w = scores.float().masked_fill(~dropped, 0.0)
-            # [B, 1, D] accumulated in fp32 (a product and a sum: autocast leaves them in fp32)
-            fused = (w[..., None] * patches.float()).sum(dim=1, keepdim=True)
-            if self.fuse == "mean":
-                total = w.sum(dim=1)[:, None, None]
-                fused = torch.where(total > 0, fused / total.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
-            at = slot == keep[:, None]  # the fused token right after the kept ones
-            body = torch.where(at[..., None], fused.to(x.dtype), body)
-            body_sizes = torch.where(at, sizes[:, P:].masked_fill(~dropped, 0.0).sum(dim=1, keepdim=True), body_sizes)
-        state.patch_ids = torch.cat([ids[:, :P], body_ids], dim=1)
-        state.sizes = torch.cat([sizes[:, :P], body_sizes], dim=1)
-        state.lengths = P + keep + F_
-        return torch.cat([x[:, :P], body], dim=1)
+        tokens, state.patch_ids, state.sizes, state.lengths = select_padded(
+            x, scores, ids, sizes, keep, n_real, bound, num_prefix=state.num_prefix, fuse=self.fuse)
+        return tokens
 
     # ----------------------------------------------------------------------------- bookkeeping
     @staticmethod
@@ -364,6 +316,69 @@ class TSPS(nn.Module):
         sizes_kw = dict(total=sel.tokens.shape[0], max_seqlen=sel.max_seqlen)
         state.patch_ids = bk.pack(out_ids, lengths, **sizes_kw).packed
         state.sizes = bk.pack(out_sizes, lengths, **sizes_kw).packed
+
+
+def mass_count(scores: Tensor, mass: float, min_keep: int) -> Tensor:
+    """int64 ``[B]``: the count ``select_tokens_varlen(mass=...)`` keeps, without its host sync.
+
+    ``scores``: ``[B, n]`` float, >= 0. The same rule as ``bus_kernels.reference.mass_keep``:
+    shares from a float64 running sum in rank order, the smallest top set reaching ``mass``, at
+    least ``min_keep``, at most ``n`` (the public API returns the count only with the packed
+    selection, whose size needs the count on the host)."""
+    ranked = torch.sort(scores.double(), dim=1, descending=True, stable=True).values
+    cum = ranked.cumsum(dim=1)
+    share = cum / cum[:, -1:]
+    return ((share < mass).sum(dim=1) + 1).clamp(max=scores.shape[1]).clamp(min=min_keep)
+
+
+def select_padded(x: Tensor, scores: Tensor, ids: Tensor, sizes: Tensor, keep: Tensor, n_real: Tensor,
+                  bound: int, *, num_prefix: int, fuse: Optional[str]):
+    """Per-sample selection into the bounded layout ``[B, P + bound + (fuse is not None), D]``.
+
+    ``x [B, N, D]`` (P = ``num_prefix`` prefix rows, then rankable rows ``P + j``, real for
+    ``j < n_real[b]``); ``scores [B, N - P]`` float (0 on padding); ``ids`` int64 / ``sizes``
+    float32 ``[B, N]`` (patch id, -1 for none; patches per token, 0 for padding); ``keep`` int64
+    ``[B]`` the wanted counts, clamped to ``bound`` (a Python int: a static shape) and ``n_real``.
+
+    Sample b's rows: prefix, its kept tokens in index order, its fused token (``fuse`` of its
+    dropped real tokens as :func:`bus_kernels.select_tokens` computes it, accumulated in fp32),
+    then zero rows of size 0 and id -1. Ranking is the contract's (higher score first, lower
+    index on ties). Returns ``(tokens, ids, sizes, lengths int64 [B])``; differentiable w.r.t.
+    ``x`` and, through the fused token, ``scores``. No host sync, no data-dependent shape."""
+    P = num_prefix
+    B, N, D = x.shape
+    n, M, F_ = N - P, bound, int(fuse is not None)
+    dev = x.device
+    keep = torch.minimum(keep.clamp(max=M), n_real)
+    real_r = torch.arange(n, device=dev)[None, :] < n_real[:, None]
+    # padding ranks last whatever its score (real scores are probabilities, >= 0)
+    top = torch.sort(scores.masked_fill(~real_r, -1.0), dim=1, descending=True, stable=True).indices[:, :M]
+    real = torch.arange(M, device=dev)[None, :] < keep[:, None]
+    # kept tokens in index order first, then the unused top slots (their rows become padding)
+    key = torch.sort(torch.where(real, top, top + n), dim=1).values
+    kept = torch.where(key >= n, key - n, key)
+    patches = x[:, P:]
+    kept_x = patches.gather(1, kept[..., None].expand(B, M, D))
+    kept_ids = ids[:, P:].gather(1, kept).masked_fill(~real, -1)
+    kept_sizes = sizes[:, P:].gather(1, kept).masked_fill(~real, 0.0)
+    slot = torch.arange(M + F_, device=dev)[None, :]
+    body = F.pad(kept_x, (0, 0, 0, F_)).masked_fill((slot >= keep[:, None])[..., None], 0.0)
+    body_ids = F.pad(kept_ids, (0, F_), value=-1)
+    body_sizes = F.pad(kept_sizes, (0, F_))
+    if F_:
+        in_keep = torch.zeros(B, n, dtype=torch.bool, device=dev).scatter(1, kept, real)
+        dropped = real_r & ~in_keep
+        w = scores.float().masked_fill(~dropped, 0.0)
+        # [B, 1, D] accumulated in fp32 (a product and a sum: autocast leaves them in fp32)
+        fused = (w[..., None] * patches.float()).sum(dim=1, keepdim=True)
+        if fuse == "mean":
+            total = w.sum(dim=1)[:, None, None]
+            fused = torch.where(total > 0, fused / total.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+        at = slot == keep[:, None]  # the fused token right after the kept ones
+        body = torch.where(at[..., None], fused.to(x.dtype), body)
+        body_sizes = torch.where(at, sizes[:, P:].masked_fill(~dropped, 0.0).sum(dim=1, keepdim=True), body_sizes)
+    tokens = torch.cat([x[:, :P], body], dim=1)
+    return tokens, torch.cat([ids[:, :P], body_ids], dim=1), torch.cat([sizes[:, :P], body_sizes], dim=1), P + keep + F_
 
 
 # ----------------------------------------------------------------------------- block forward
