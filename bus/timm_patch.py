@@ -468,6 +468,11 @@ def patch_timm(
         ValueError: bad ``layers``/``keep``/``guidance``/``max_keep``, or ``mass=`` with a pooling that needs
             a dense batch.
     """
+    if isinstance(model, torch.fx.GraphModule) or isinstance(getattr(model, "graph_module", None), torch.fx.GraphModule):
+        # e.g. timm.create_model(..., features_only=True, feature_cls="fx"): already traced, dense
+        raise TypeError(f"patch_timm: {type(model).__name__} is an FX graph traced from the unpatched model; patch "
+                        "the model first, then build the extractor: FeatureGraphNet(bus.patch_timm(model, ...), "
+                        "out_indices) or create_feature_extractor(patched_model, return_nodes)")
     blocks = getattr(model, "blocks", None)
     if blocks is None or not hasattr(model, "num_prefix_tokens") or not hasattr(model, "embed_dim"):
         raise TypeError(f"patch_timm: expected a timm VisionTransformer, got {type(model).__name__}")

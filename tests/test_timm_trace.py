@@ -336,3 +336,14 @@ def test_bounded_mass_under_bf16_autocast():
     assert ((st.lengths >= 3) & (st.lengths <= feats.shape[1])).all()
     out.float().square().mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_an_fx_extractor_built_before_patching_is_refused_with_the_way_round():
+    """timm.create_model(..., features_only=True, feature_cls="fx") traces the dense model at
+    creation; patching that graph cannot prune, so patch_timm says to patch first."""
+    fx_net = timm.create_model("vit_base_patch16_224", pretrained=False, features_only=True, feature_cls="fx",
+                               out_indices=(1, 3), **{k: v for k, v in SMALL.items() if k != "num_classes"})
+    with pytest.raises(TypeError, match=r"patch the model first.*FeatureGraphNet\(bus.patch_timm"):
+        bus.patch_timm(fx_net, layers=(1,), keep=0.5)
+    with pytest.raises(TypeError, match="patch the model first"):
+        bus.patch_timm(torch.fx.symbolic_trace(vit()), layers=(1,), keep=0.5)
