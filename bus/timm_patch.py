@@ -380,7 +380,7 @@ def _pruned_model_class(cls: type) -> type:
             if self._bus_mass:
                 raise NotImplementedError(
                     "bus: forward_intermediates after a pruning layer is not supported with mass= "
-                    "(packed tokens); use a fixed keep, or take indices before layer "
+                    "(per-sample counts, packed or padded tokens); use a fixed keep, or take indices before layer "
                     f"{self._bus_first_layer}")
             if arg.get("output_fmt", "NCHW") != "NLC":
                 raise ValueError(
