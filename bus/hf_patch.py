@@ -123,7 +123,8 @@ def _prune(layer: nn.Module, x_in: Tensor, out: Tensor, st: HFPruneState) -> Ten
         q = _heads(attn.q_proj, h[:, P:], hd).mean(dim=2, keepdim=True)
     else:  # ... of the real ones
         w = valid[:, P:].to(h.dtype)
-        q = (_heads(attn.q_proj, h[:, P:], hd) * w[:, None, :, None]).sum(dim=2, keepdim=True) / w.sum(dim=1)[:, None, None, None]
+        q = (_heads(attn.q_proj, h[:, P:], hd) * w[:, None, :, None]).sum(dim=2, keepdim=True)
+        q = q / w.sum(dim=1)[:, None, None, None]
     if valid is None:
         scores = bk.relevance_scores(q, k.contiguous(), scale=scale, q_mask=q_mask)
     else:  # padding keys get no probability
@@ -156,7 +157,8 @@ def _prune(layer: nn.Module, x_in: Tensor, out: Tensor, st: HFPruneState) -> Ten
     return sel.tokens
 
 
-def _layer_step(layer: nn.Module, host_forward, hidden_states: Tensor, st_in: HFPruneState, args: tuple, kwargs: dict):
+def _layer_step(layer: nn.Module, host_forward, hidden_states: Tensor, st_in: HFPruneState, args: tuple,
+                kwargs: dict):
     """A patched layer as a pure function of its inputs: the host layer, then the pruning of its
     output; returns ``(output, new state)`` and leaves ``st_in`` as it was, so that running it
     again on the same inputs (a checkpoint's recompute) does the same work."""

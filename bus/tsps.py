@@ -201,7 +201,8 @@ class TSPS(nn.Module):
             return sel.tokens
         if self.max_keep is not None:
             keep = self._mass_count(scores)
-            return self._select_padded(x, scores, ids, sizes, keep, torch.full_like(keep, n), self._bound(self.max_keep, n), state)
+            n_real = torch.full_like(keep, n)
+            return self._select_padded(x, scores, ids, sizes, keep, n_real, self._bound(self.max_keep, n), state)
         sel = bk.select_tokens_varlen(x, scores, mass=self.mass, min_keep=self.min_keep, num_prefix=P, fuse=self.fuse)
         self._to_packed(ids, sizes, sel, state)
         return sel.tokens
@@ -378,7 +379,8 @@ def select_padded(x: Tensor, scores: Tensor, ids: Tensor, sizes: Tensor, keep: T
         body = torch.where(at[..., None], fused.to(x.dtype), body)
         body_sizes = torch.where(at, sizes[:, P:].masked_fill(~dropped, 0.0).sum(dim=1, keepdim=True), body_sizes)
     tokens = torch.cat([x[:, :P], body], dim=1)
-    return tokens, torch.cat([ids[:, :P], body_ids], dim=1), torch.cat([sizes[:, :P], body_sizes], dim=1), P + keep + F_
+    ids = torch.cat([ids[:, :P], body_ids], dim=1)
+    return tokens, ids, torch.cat([sizes[:, :P], body_sizes], dim=1), P + keep + F_
 
 
 # ----------------------------------------------------------------------------- block forward

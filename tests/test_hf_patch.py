@@ -136,7 +136,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(name):
         st = m.pruning_state()
         loss = out.square().mean() + sum(r["scores"].square().sum() for r in st.records)
         loss.backward()
-        got[label] = (out.detach(), st.patch_ids, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}, t.grad)
+        g = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        got[label] = (out.detach(), st.patch_ids, g, t.grad)
     (o1, i1, g1, t1), (o2, i2, g2, t2) = got["ref"], got["ckpt"]
     torch.testing.assert_close(o2, o1, rtol=0, atol=0)
     assert torch.equal(i2, i1)
@@ -214,7 +215,8 @@ def test_mass_batched_equals_each_sample_alone(name):
                 kept = [i for i in st.patch_ids[b, P:L - 1].tolist() if i >= 0]  # the patches, in order
                 assert kept == sorted(kept) and len(set(kept)) == len(kept)
                 n1 = min(sa.records[1]["scores"].shape[1], st.records[1]["scores"].shape[1])
-                torch.testing.assert_close(st.records[1]["scores"][b, :n1], sa.records[1]["scores"][0, :n1], rtol=1e-4, atol=1e-6)
+                torch.testing.assert_close(st.records[1]["scores"][b, :n1], sa.records[1]["scores"][0, :n1],
+                                           rtol=1e-4, atol=1e-6)
 
 
 def test_mass_bound_clamps_counts_and_fixes_shapes():
