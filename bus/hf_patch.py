@@ -9,20 +9,40 @@ query and key projections (applied after its own pre-attention norm to the layer
 text, when given, goes through the same norm and query projection) and keeps the most relevant
 ones with :func:`bus_kernels.relevance_scores` and :func:`bus_kernels.select_tokens`, fusing the
 rest into one token. Differences from ``patch_timm``: pruning happens after the whole layer
-(attention and MLP) rather than between them, attention is not proportional to token sizes
-(transformers layers take no per-key bias), and ``mass=`` (packed tokens) is not offered.
+(attention and MLP) rather than between them, and attention is not proportional to token sizes
+(transformers layers take no per-key bias).
+
+``mass=`` (per-sample counts): transformers layers run on ``[B, L, D]`` only, so the tokens stay
+padded rather than packed: each sample's prefix, kept tokens and fused token, then padding rows
+(:func:`bus.tsps.select_padded`), and every layer from the first pruning layer on gets an
+additive ``attention_mask`` that hides the padding keys (its own ``attention_mask`` argument, as
+transformers' attention adds it to the logits). ``L`` is the bound ``max_keep`` (static shapes,
+no host sync) or, without one, the batch's largest count (one host sync per pruning layer).
+
+Gradient checkpointing (``model.gradient_checkpointing_enable()``): a patched layer is a pure step
+``(hidden states, HFPruneState in) -> (output, HFPruneState out)`` (:func:`_layer_step`); with
+checkpointing on it checkpoints that step itself (non-reentrant ``torch.utils.checkpoint``) with
+the state as an argument, so the recompute sees the original inputs; transformers' own
+checkpointing wrapper is kept off the patched layer (it would recompute the layer after the
+forward's state is gone).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 import bus_kernels as bk
+
+from ._patching import StateHolder, check_text, reduce_as
+from .tsps import TSPS, mass_count, select_padded
 
 _NORMS = ("layernorm_before", "layer_norm1", "norm1")
 _ATTNS = ("attention", "self_attn")
@@ -35,7 +55,8 @@ class HFPruneState:
     ``patch_ids``: int64 ``[B, N']``, the original patch index of each output token (-1 for prefix
     and fused tokens; ``None`` when nothing was pruned). ``records``: one dict per pruning layer
     with ``scores`` (float32 ``[B, n]``, relevance of the rankable tokens at that layer, summing to
-    1) and their ``patch_ids``.
+    1) and their ``patch_ids``. With ``mass=``: ``lengths`` int64 ``[B]`` (rows ``>= lengths[b]``
+    of the output are padding, zeros, id -1) and ``sizes`` float32 ``[B, N']`` (patches per token).
     """
 
     batch: int
@@ -44,21 +65,21 @@ class HFPruneState:
     text_mask: Optional[Tensor] = None
     patch_ids: Optional[Tensor] = None
     records: list = field(default_factory=list)
+    num_patches: int = 0  # patches of this forward's images (the rest of the first layer's input is prefix)
+    sizes: Optional[Tensor] = None
+    lengths: Optional[Tensor] = None
+
+    def valid(self, L: int) -> Tensor:
+        """bool ``[B, L]``: True for the real rows of the padded (``mass=``) layout."""
+        return torch.arange(L, device=self.lengths.device)[None, :] < self.lengths[:, None]
 
 
-class _Holder:
+class _Holder(StateHolder):
     """The forward in flight and the last one; copies and pickles as an empty holder."""
 
     def __init__(self):
         self.state: Optional[HFPruneState] = None
         self.last: Optional[HFPruneState] = None
-        self.num_patches = 0
-
-    def __deepcopy__(self, memo):
-        return _Holder()
-
-    def __reduce__(self):
-        return (_Holder, ())
 
 
 _LAYER_CLASSES: dict[type, type] = {}
@@ -71,10 +92,7 @@ def _rebuild(host_cls: type, kind: str):
 
 
 def _reduce_as(host_cls: type, kind: str):
-    def __reduce_ex__(self, protocol):
-        return _rebuild, (host_cls, kind), self.__getstate__()
-
-    return __reduce_ex__
+    return reduce_as(_rebuild, host_cls, kind)
 
 
 def _heads(proj: nn.Linear, h: Tensor, head_dim: int) -> Tensor:
@@ -92,6 +110,7 @@ def _prune(layer: nn.Module, x_in: Tensor, out: Tensor, st: HFPruneState) -> Ten
     n = N - P
     h = norm(x_in)
     k = _heads(attn.k_proj, h[:, P:], hd)
+    valid = None if st.lengths is None else st.valid(N)
     q_mask = None
     if st.text is not None and layer._bus_guidance in ("auto", "text"):
         text = st.text if st.text.dim() == 3 else st.text[:, None]
@@ -100,14 +119,32 @@ def _prune(layer: nn.Module, x_in: Tensor, out: Tensor, st: HFPruneState) -> Ten
         raise ValueError("bus.patch_hf: guidance='text' needs text=... in the model call")
     elif P >= 1 and layer._bus_guidance != "mean":  # the tower's [CLS] query (EViT)
         q = _heads(attn.q_proj, h[:, :1], hd)
-    else:  # no class token (SigLIP): the mean query of the patches
+    elif valid is None:  # no class token (SigLIP): the mean query of the patches
         q = _heads(attn.q_proj, h[:, P:], hd).mean(dim=2, keepdim=True)
-    scores = bk.relevance_scores(q, k.contiguous(), scale=scale, q_mask=q_mask)
+    else:  # ... of the real ones
+        w = valid[:, P:].to(h.dtype)
+        q = (_heads(attn.q_proj, h[:, P:], hd) * w[:, None, :, None]).sum(dim=2, keepdim=True)
+        q = q / w.sum(dim=1)[:, None, None, None]
+    if valid is None:
+        scores = bk.relevance_scores(q, k.contiguous(), scale=scale, q_mask=q_mask)
+    else:  # padding keys get no probability
+        scores = TSPS._masked_relevance(q, k, q_mask, valid[:, P:], scale)
     ids = st.patch_ids
     if ids is None:
         ids = torch.arange(-P, n, device=out.device).expand(B, N).clone()
         ids[:, :P] = -1
     st.records.append({"scores": scores, "patch_ids": ids[:, P:]})
+    if layer._bus_mass is not None:
+        sizes = st.sizes if st.sizes is not None else torch.ones(B, N, device=out.device)
+        n_real = valid[:, P:].sum(dim=1) if valid is not None else torch.full((B,), n, device=out.device)
+        keep = mass_count(scores, layer._bus_mass, layer._bus_min_keep)
+        if layer._bus_max_keep is not None:
+            bound = TSPS._bound(layer._bus_max_keep, n)
+        else:  # the batch's largest count: one device-to-host copy
+            bound = max(1, int(torch.minimum(keep, n_real).max()))
+        tokens, st.patch_ids, st.sizes, st.lengths = select_padded(
+            out, scores, ids, sizes, keep, n_real, bound, num_prefix=P, fuse=layer._bus_fuse)
+        return tokens
     keep = layer._bus_keep
     count = keep if isinstance(keep, int) else max(1, math.ceil(round(keep * n, 6)))
     if count >= n:  # nothing to drop: the layer's output as it was
@@ -120,25 +157,69 @@ def _prune(layer: nn.Module, x_in: Tensor, out: Tensor, st: HFPruneState) -> Ten
     return sel.tokens
 
 
+def _layer_step(layer: nn.Module, host_forward, hidden_states: Tensor, st_in: HFPruneState, args: tuple,
+                kwargs: dict):
+    """A patched layer as a pure function of its inputs: the host layer, then the pruning of its
+    output; returns ``(output, new state)`` and leaves ``st_in`` as it was, so that running it
+    again on the same inputs (a checkpoint's recompute) does the same work."""
+    st = dataclasses.replace(st_in, records=list(st_in.records))
+    if st.lengths is not None:  # padded layout (mass=): the padding keys are hidden
+        args, kwargs = _with_key_mask(hidden_states, st, args, kwargs)
+    out = host_forward(layer, hidden_states, *args, **kwargs)
+    hs = out[0] if isinstance(out, tuple) else out
+    if layer._bus_prunes:
+        if st.num_prefix < 0:  # first pruning layer: every patch is still there
+            st.num_prefix = hidden_states.shape[1] - st.num_patches
+        hs = _prune(layer, hidden_states, hs, st)
+    if layer._bus_last and st.lengths is not None:  # the tower's output: padding rows are zeros
+        hs = hs.masked_fill(~st.valid(hs.shape[1])[..., None], 0.0)
+    return ((hs, *out[1:]) if isinstance(out, tuple) else hs), st
+
+
+def _with_key_mask(hidden_states: Tensor, st: HFPruneState, args: tuple, kwargs: dict):
+    """The layer's arguments with ``attention_mask`` = an additive ``[B, 1, 1, L]`` mask: 0 on the
+    real keys, the dtype's lowest value on padding keys (in the autocast dtype under autocast:
+    transformers' SDPA path wants the query's dtype)."""
+    dev = hidden_states.device
+    dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else hidden_states.dtype
+    pad = ~st.valid(hidden_states.shape[1])[:, None, None, :]
+    mask = torch.zeros(pad.shape, dtype=dtype, device=dev).masked_fill(pad, torch.finfo(dtype).min)
+    given = args[0] if args else kwargs.get("attention_mask")
+    if given is not None:
+        raise NotImplementedError("bus.patch_hf: mass= with an attention_mask of the caller is not supported")
+    if args:
+        return (mask, *args[1:]), kwargs
+    return args, {**kwargs, "attention_mask": mask}
+
+
+def _checkpointing(layer: nn.Module) -> bool:
+    return bool(getattr(layer, "gradient_checkpointing", False)) and layer.training and torch.is_grad_enabled()
+
+
 def _layer_class(cls: type) -> type:
     if cls not in _LAYER_CLASSES:
 
         def forward(self, hidden_states: Tensor, *args, **kwargs):
-            out = cls.forward(self, hidden_states, *args, **kwargs)
             holder: _Holder = self._bus_holder
             st = holder.state
-            if st is None:  # outside the patched model: the host layer
-                return out
-            if torch.is_grad_enabled() and self.training and getattr(self, "gradient_checkpointing", False):
-                raise NotImplementedError("bus.patch_hf: gradient checkpointing is not supported; use bus.patch_timm")
-            if st.num_prefix < 0:  # first pruning layer: every patch is still there
-                st.num_prefix = hidden_states.shape[1] - holder.num_patches
-            hs = out[0] if isinstance(out, tuple) else out
-            hs = _prune(self, hidden_states, hs, st)
-            return (hs, *out[1:]) if isinstance(out, tuple) else hs
+            if st is None:  # outside the patched model: the host layer (checkpointed as transformers does)
+                if _checkpointing(self) and hasattr(self, "_gradient_checkpointing_func"):
+                    return self._gradient_checkpointing_func(partial(cls.forward, self, **kwargs), hidden_states, *args)
+                return cls.forward(self, hidden_states, *args, **kwargs)
+            if _checkpointing(self):
+                out, holder.state = torch.utils.checkpoint.checkpoint(
+                    _layer_step, self, cls.forward, hidden_states, st, args, kwargs, use_reentrant=False)
+            else:
+                out, holder.state = _layer_step(self, cls.forward, hidden_states, st, args, kwargs)
+            return out
 
-        _LAYER_CLASSES[cls] = type(f"BUS{cls.__name__}", (cls,),
-                                   {"forward": forward, "__reduce_ex__": _reduce_as(cls, "layer")})
+        new = type(f"BUS{cls.__name__}", (cls,), {"forward": forward, "__reduce_ex__": _reduce_as(cls, "layer")})
+        # transformers (GradientCheckpointingLayer.__init_subclass__) wraps the forward of every
+        # subclass in its checkpointing; that would recompute the pruning after the forward's
+        # state is gone, so the patched layer keeps its own forward and checkpoints its pure step.
+        # The host forward called inside is then not the outermost one and does not checkpoint.
+        new.forward = forward
+        _LAYER_CLASSES[cls] = new
     return _LAYER_CLASSES[cls]
 
 
@@ -146,22 +227,16 @@ def _layer_class(cls: type) -> type:
 def _pruning(model: nn.Module, pixel_values: Tensor, text: Optional[Tensor], text_mask: Optional[Tensor]):
     holder: _Holder = model._bus_holder
     B, width = pixel_values.shape[0], model.config.hidden_size
-    if text is not None:
-        if not isinstance(text, Tensor) or text.dim() not in (2, 3) or text.shape[0] != B or text.shape[-1] != width:
-            raise ValueError(f"bus.patch_hf: text must be [B={B}, D={width}] or [B, T, D], got "
-                             f"{tuple(text.shape) if isinstance(text, Tensor) else type(text).__name__}")
-        if text_mask is not None and (text.dim() != 3 or tuple(text_mask.shape) != tuple(text.shape[:2])):
-            raise ValueError("bus.patch_hf: text_mask must be [B, T] matching text [B, T, D]")
+    check_text("bus.patch_hf", text, text_mask, B, width)
     p = model.config.patch_size
     p = p if isinstance(p, int) else p[0]
-    holder.num_patches = (pixel_values.shape[-2] // p) * (pixel_values.shape[-1] // p)
-    holder.state = HFPruneState(batch=B, text=text, text_mask=None if text_mask is None else text_mask.bool())
+    holder.state = HFPruneState(batch=B, text=text, text_mask=None if text_mask is None else text_mask.bool(),
+                                num_patches=(pixel_values.shape[-2] // p) * (pixel_values.shape[-1] // p))
     try:
         yield
     finally:
         st, holder.state = holder.state, None
-        st.text = st.text_mask = None
-        holder.last = st
+        holder.last = dataclasses.replace(st, text=None, text_mask=None)  # no reference to the caller's text
 
 
 def _model_class(cls: type) -> type:
@@ -196,7 +271,7 @@ def _find_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def patch_hf(model: nn.Module, *, layers: Iterable[int] = (4, 7, 10), keep=0.7, fuse: Optional[str] = "sum",
-             guidance: str = "auto") -> nn.Module:
+             guidance: str = "auto", mass: Optional[float] = None, min_keep: int = 1, max_keep=None) -> nn.Module:
     """Patch a ``transformers`` vision tower in place so that it prunes patches after ``layers``.
 
     Args:
@@ -209,6 +284,14 @@ def patch_hf(model: nn.Module, *, layers: Iterable[int] = (4, 7, 10), keep=0.7, 
         fuse: ``"sum"``, ``"mean"`` or ``None`` (see :func:`bus_kernels.select_tokens`).
         guidance: ``"auto"`` (the text when given, else the [CLS] query, or the mean patch query
             for towers without a class token such as SigLIP), ``"text"``, ``"cls"`` or ``"mean"``.
+        mass: per-sample counts instead of ``keep``: each sample keeps its smallest top set
+            holding this share of the relevance (as :func:`bus_kernels.select_tokens_varlen`), at
+            least ``min_keep``. The tokens stay padded (see the module docstring); the output's
+            rows ``>= pruning_state().lengths[b]`` are padding (zeros).
+        min_keep: lower bound of the per-sample count with ``mass``.
+        max_keep: with ``mass``, a bound on each sample's count (a count, or a ratio of the
+            layer's rankable tokens); counts above it are clamped to it. It fixes the shapes
+            (no host sync); without it each pruning layer reads the batch's largest count.
 
     Afterwards ``model(pixel_values, text=None, text_mask=None, ...)`` prunes; ``text`` is
     ``[B, D]`` or ``[B, T, D]`` (+ ``text_mask [B, T]``) in the tower's width ``D =
@@ -227,6 +310,16 @@ def patch_hf(model: nn.Module, *, layers: Iterable[int] = (4, 7, 10), keep=0.7, 
         raise ValueError(f"patch_hf: keep={keep!r} must be a count >= 1 or a ratio in (0, 1]")
     if fuse not in ("sum", "mean", None):
         raise ValueError(f"patch_hf: fuse={fuse!r} must be 'sum', 'mean' or None")
+    if mass is not None or max_keep is not None:
+        # the same checks and messages as patch_timm's selector
+        try:
+            TSPS(1, mass=mass, min_keep=min_keep, max_keep=max_keep if max_keep is not None else 1.0)
+        except ValueError as e:
+            raise ValueError(str(e).replace("TSPS:", "patch_hf:", 1)) from None
+        vision = getattr(model, "vision_model", model)
+        if getattr(vision, "use_head", False):
+            raise ValueError("patch_hf: mass= (padded tokens) needs a class-token pooling; this tower's attention-pool "
+                             "head would attend to the padding (use a fixed keep, or vision_use_head=False)")
     blocks = _find_layers(model)
     layers = sorted(set(int(i) for i in layers))
     if not layers or layers[0] < 0 or layers[-1] >= len(blocks):
@@ -244,6 +337,13 @@ def patch_hf(model: nn.Module, *, layers: Iterable[int] = (4, 7, 10), keep=0.7, 
         layer.__class__ = _layer_class(type(layer))
         layer._bus_holder, layer._bus_norm, layer._bus_attn = holder, norm, attn
         layer._bus_keep, layer._bus_fuse, layer._bus_guidance = keep, fuse, guidance
+        layer._bus_mass, layer._bus_min_keep, layer._bus_max_keep = mass, min_keep, max_keep
+        layer._bus_prunes, layer._bus_last = True, i == len(blocks) - 1
+    if mass is not None:  # every later layer hides the padding keys
+        for i in range(layers[0] + 1, len(blocks)):
+            if i not in layers:
+                blocks[i].__class__ = _layer_class(type(blocks[i]))
+                blocks[i]._bus_holder, blocks[i]._bus_prunes, blocks[i]._bus_last = holder, False, i == len(blocks) - 1
     model.__class__ = _model_class(type(model))
     model._bus_holder = holder
     return model

@@ -17,6 +17,13 @@ How it stays compatible with timm's training tools:
 - **deepcopy / EMA / pickling**: the per-forward state lives in a :class:`_Holder` that copies
   and pickles as an empty one, and the generated classes pickle as "host class + patch", so
   ``copy.deepcopy``, ``timm.utils.ModelEmaV3`` and ``torch.save(model)`` work.
+- **torch.fx** (``symbolic_trace``, timm / torchvision ``create_feature_extractor``,
+  ``FeatureGraphNet``): every block from the first pruning layer on is traced as one leaf node
+  that prunes in eager mode inside (see ``_trace_block``), so no traced value depends on the
+  pruning; the rest of the model is traced as timm's.
+- **torch.compile with** ``mass=``: ``max_keep=`` bounds the per-sample counts; the blocks after
+  the first pruning layer then run on a fixed-shape padded batch (see :mod:`bus.tsps`): no graph
+  break, no host sync.
 - **RoPE models** (timm ``Eva``, EVA-02): the host ``EvaBlock`` forward runs on the current
   tokens with each token's own RoPE row (gathered by its patch id; the fused token gets the
   identity rotation), and a TSPS prunes the block's output (:func:`_rope_block_step`).
@@ -36,16 +43,16 @@ from torch import Tensor, nn
 
 import bus_kernels as bk
 
+from ._patching import StateHolder, check_text, reduce_as
 from .tsps import PruneState, TSPS, pruned_block_forward
 
 
-class _Holder:
+class _Holder(StateHolder):
     """Per-forward state shared by a patched model and its patched blocks.
 
     ``state``: the state between blocks of the forward in flight (``None`` outside a forward);
     ``last``: the finished state of the last forward (``model.pruning_state()``). A copy or a
-    pickle of the model gets an empty holder: a state holds tensors of one forward (possibly with
-    their autograd graph), which are neither copyable nor worth saving.
+    pickle of the model gets an empty holder (:class:`bus._patching.StateHolder`).
     """
 
     def __init__(self):
@@ -54,12 +61,8 @@ class _Holder:
         self.records: list = []
         self.block_ids: dict = {}
         self.checkpoint = False
-
-    def __deepcopy__(self, memo):
-        return _Holder()
-
-    def __reduce__(self):
-        return (_Holder, ())
+        self.eager = False  # a forward of the patched model (not of a traced graph) is in flight
+        self.tracing: Optional[dict] = None  # the model's traced inputs while torch.fx traces it
 
 
 _BLOCK_CLASSES: dict[type, type] = {}
@@ -75,11 +78,7 @@ def _rebuild(host_cls: type, kind: str):
 
 
 def _reduce_as(host_cls: type, kind: str):
-    def __reduce_ex__(self, protocol):
-        # The generated class is not importable by name: pickle "host class + kind" instead.
-        return _rebuild, (host_cls, kind), self.__getstate__()
-
-    return __reduce_ex__
+    return reduce_as(_rebuild, host_cls, kind)
 
 
 def _block_step(block: nn.Module, x: Tensor, state: PruneState):
@@ -94,6 +93,9 @@ def _block_step(block: nn.Module, x: Tensor, state: PruneState):
         # Back to a padded batch for the model's final norm and head; lengths kept.
         st.lengths = (st.cu_seqlens[1:] - st.cu_seqlens[:-1]).long()
         x = bk.unpack(x, st.cu_seqlens, st.max_seqlen)
+    elif block._bus_last and st.padded:
+        # The bounded layout ends as the unpacked one does: padding rows are zeros.
+        x = x.masked_fill(~st.valid()[..., None], 0.0)
     return x, st
 
 
@@ -114,9 +116,14 @@ def _run_step(block: nn.Module, step, x: Tensor, *args) -> Tensor:
 def _pruned_block_class(cls: type) -> type:
     if cls not in _BLOCK_CLASSES:
 
-        def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False,
+                    _bus_fx: Optional[tuple] = None) -> Tensor:
+            if isinstance(x, torch.fx.Proxy):
+                return _trace_block(self, cls.forward, x, dict(attn_mask=attn_mask, is_causal=is_causal))
+            if _bus_fx is not None:  # a call from a torch.fx graph of the patched model
+                return _fx_step(self, _block_step, x, _bus_fx)
             holder: _Holder = self._bus_holder
-            if holder.state is None:  # called outside the patched model: behave as the host block
+            if not holder.eager:  # called outside the patched model: behave as the host block
                 return cls.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
             if attn_mask is not None or is_causal:
                 raise NotImplementedError("bus.patch_timm: attn_mask/is_causal are not supported with pruning")
@@ -192,9 +199,13 @@ def _rope_block_class(cls: type) -> type:
     if cls not in _BLOCK_CLASSES:
 
         def forward(self, x: Tensor, rope: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
-                    is_causal: bool = False) -> Tensor:
+                    is_causal: bool = False, _bus_fx: Optional[tuple] = None) -> Tensor:
+            if isinstance(x, torch.fx.Proxy):
+                return _trace_block(self, cls.forward, x, dict(rope=rope, attn_mask=attn_mask, is_causal=is_causal))
+            if _bus_fx is not None:
+                return _fx_step(self, _rope_block_step, x, _bus_fx, rope)
             holder: _Holder = self._bus_holder
-            if holder.state is None:
+            if not holder.eager:
                 return cls.forward(self, x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
             if attn_mask is not None or is_causal:
                 raise NotImplementedError("bus.patch_timm: attn_mask/is_causal are not supported with pruning")
@@ -217,27 +228,12 @@ def _pruning(model: nn.Module, batch: int, text: Optional[Tensor], text_mask: Op
     While it runs, timm's own block checkpointing is switched off: the patched blocks checkpoint
     themselves with the pruning state as an argument (see the module docstring)."""
     holder: _Holder = model._bus_holder
-    if holder.state is not None:  # nested call (forward -> forward_features): same forward
+    if holder.eager:  # nested call (forward -> forward_features): same forward
         yield False
         return
-    if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
-        raise TypeError(
-            "bus: torch.fx symbolic tracing (torch.fx.symbolic_trace, timm feature_cls='fx', torchvision "
-            "create_feature_extractor) of a patched model is not supported: the pruning state flows "
-            "from block to block outside the traced values. Use torch.export.export (fixed keep) or "
-            "torch.compile, or forward_intermediates(output_fmt='NLC') for features")
-    if text is not None:
-        if not isinstance(text, Tensor) or text.dim() not in (2, 3) or text.shape[0] != batch or text.shape[-1] != model.embed_dim:
-            raise ValueError(
-                f"bus: text must be [B={batch}, D={model.embed_dim}] or [B, T, D], got "
-                f"{tuple(text.shape) if isinstance(text, Tensor) else type(text).__name__}"
-            )
-        if text_mask is not None and (text.dim() != 3 or tuple(text_mask.shape) != tuple(text.shape[:2])):
-            raise ValueError("bus: text_mask must be [B, T] matching text [B, T, D]")
     ckpt = bool(getattr(model, "grad_checkpointing", False))
-    holder.state = PruneState(batch=batch, num_prefix=model.num_prefix_tokens, text=text,
-                              text_mask=None if text_mask is None else text_mask.bool())
-    holder.records, holder.block_ids, holder.checkpoint = [], {}, ckpt
+    _begin(holder, batch, model.embed_dim, model.num_prefix_tokens, text, text_mask, ckpt)
+    holder.eager = True
     if ckpt:
         model.grad_checkpointing = False
     try:
@@ -245,18 +241,88 @@ def _pruning(model: nn.Module, batch: int, text: Optional[Tensor], text_mask: Op
     finally:
         if ckpt:
             model.grad_checkpointing = True
-        last = holder.state
-        # The finished state keeps no reference to the caller's text (and its graph).
-        holder.last = dataclasses.replace(last, text=None, text_mask=None, records=holder.records,
-                                          block_patch_ids=holder.block_ids)
+        holder.last = _finished(holder)
         holder.state, holder.records, holder.block_ids, holder.checkpoint = None, [], {}, False
+        holder.eager = False
 
 
-def _release_at_backward(model: nn.Module, out):
+def _begin(holder: _Holder, batch: int, width: int, num_prefix: int, text: Optional[Tensor],
+           text_mask: Optional[Tensor], checkpoint: bool) -> None:
+    """Checks the text and starts the pruning state of one forward."""
+    check_text("bus", text, text_mask, batch, width)
+    holder.state = PruneState(batch=batch, num_prefix=num_prefix, text=text,
+                              text_mask=None if text_mask is None else text_mask.bool())
+    holder.records, holder.block_ids, holder.checkpoint = [], {}, checkpoint
+
+
+def _finished(holder: _Holder) -> PruneState:
+    """The state so far as ``pruning_state()`` shows it: without the caller's text (and its graph)."""
+    return dataclasses.replace(holder.state, text=None, text_mask=None, records=list(holder.records),
+                               block_patch_ids=dict(holder.block_ids))
+
+
+# ------------------------------------------------------------------------------ torch.fx
+# A torch.fx trace of a patched model records every block from the first pruning layer on as one
+# leaf ``call_module`` node (the block itself, called with a ``_bus_fx`` marker): the pruning
+# (per-sample counts, packed or bounded layouts, the state threaded from block to block) runs
+# inside the leaves in eager mode, so no traced value depends on it. The first pruned leaf gets
+# the traced text inputs (``("begin", text, text_mask)``) and starts the run's state; the others
+# get ``("step",)``; the last block ends the run. Blocks before the first pruning layer, the
+# embedding, norms and head are traced through as timm's own. Every leaf leaves the run so far
+# in ``pruning_state()``, so a graph cut after some block (feature extraction) still has one.
+# Gradient checkpointing is not applied inside a traced graph.
+def _trace_block(block: nn.Module, host_forward, x, kwargs: dict):
+    """Under torch.fx tracing: the host block traced through before the first pruning layer, or
+    a leaf call of the patched block from it on."""
+    holder: _Holder = block._bus_holder
+    tr = holder.tracing
+    if tr is None or not block._bus_pruned:  # traced outside the patched model, or a dense block
+        return host_forward(block, x, **kwargs)
+    if kwargs.get("attn_mask") is not None or kwargs.get("is_causal"):
+        raise NotImplementedError("bus.patch_timm: attn_mask/is_causal are not supported with pruning")
+    marker = ("step",) if tr["begun"] else ("begin", tr["text"], tr["text_mask"])
+    tr["begun"] = True
+    kw = {k: v for k, v in kwargs.items() if k not in ("attn_mask", "is_causal")}
+    tracer = x.tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(block), (x,), {**kw, "_bus_fx": marker})
+
+
+def _fx_step(block: nn.Module, step, x: Tensor, marker: tuple, *args) -> Tensor:
+    """A pruned block called from a traced graph (see above)."""
+    holder: _Holder = block._bus_holder
+    if marker[0] == "begin":
+        _begin(holder, x.shape[0], x.shape[-1], block._bus_num_prefix, marker[1], marker[2], False)
+    elif marker[0] != "step" or holder.state is None:
+        raise RuntimeError(f"bus: block {block._bus_index} of a traced graph ran before the graph's first pruned block")
+    x = _run_step(block, step, x, *args)
+    holder.last = _finished(holder)
+    if block._bus_last:
+        holder.state, holder.records, holder.block_ids = None, [], {}
+    return _release_at_backward(holder, x)
+
+
+def _traced_forward(model: nn.Module, host_forward, x, text, text_mask, kwargs):
+    """The patched model's forward (or forward_features) under torch.fx tracing."""
+    holder: _Holder = model._bus_holder
+    if isinstance(kwargs, torch.fx.Proxy):  # FX hands **kwargs over as one placeholder
+        kwargs = {}
+    if holder.tracing is not None:  # nested (forward -> forward_features): the same trace
+        return host_forward(model, x, **kwargs)
+    holder.tracing = {"text": text, "text_mask": text_mask, "begun": False}
+    ckpt = bool(getattr(model, "grad_checkpointing", False))
+    model.grad_checkpointing = False  # traced as the plain block sequence
+    try:
+        return host_forward(model, x, **kwargs)
+    finally:
+        holder.tracing = None
+        if ckpt:
+            model.grad_checkpointing = True
+
+
+def _release_at_backward(holder: _Holder, out):
     """Detaches the records of ``model.pruning_state()`` when the backward of this forward
     starts, so that the model does not keep that forward's activations alive afterwards (a loss
     built from the records before the backward, such as PTM, still gets its gradient)."""
-    holder: _Holder = model._bus_holder
     if torch.compiler.is_compiling() or not torch.is_grad_enabled():
         return out
     last = holder.last
@@ -276,14 +342,18 @@ def _pruned_model_class(cls: type) -> type:
     if cls not in _MODEL_CLASSES:
 
         def forward(self, x: Tensor, text: Optional[Tensor] = None, text_mask: Optional[Tensor] = None, **kwargs):
+            if isinstance(x, torch.fx.Proxy):
+                return _traced_forward(self, cls.forward, x, text, text_mask, kwargs)
             with _pruning(self, x.shape[0], text, text_mask) as outer:
                 out = cls.forward(self, x, **kwargs)
-            return _release_at_backward(self, out) if outer else out
+            return _release_at_backward(self._bus_holder, out) if outer else out
 
         def forward_features(self, x: Tensor, text: Optional[Tensor] = None, text_mask: Optional[Tensor] = None, **kwargs):
+            if isinstance(x, torch.fx.Proxy):
+                return _traced_forward(self, cls.forward_features, x, text, text_mask, kwargs)
             with _pruning(self, x.shape[0], text, text_mask) as outer:
                 out = cls.forward_features(self, x, **kwargs)
-            return _release_at_backward(self, out) if outer else out
+            return _release_at_backward(self._bus_holder, out) if outer else out
 
         def forward_intermediates(self, x: Tensor, *args, text: Optional[Tensor] = None,
                                   text_mask: Optional[Tensor] = None, **kwargs):
@@ -295,7 +365,7 @@ def _pruned_model_class(cls: type) -> type:
             self._bus_check_intermediates(x, *args, **kwargs)
             with _pruning(self, x.shape[0], text, text_mask) as outer:
                 out = cls.forward_intermediates(self, x, *args, **kwargs)
-            return _release_at_backward(self, out) if outer else out
+            return _release_at_backward(self._bus_holder, out) if outer else out
 
         def _bus_check_intermediates(self, x, *args, **kwargs):
             from timm.models._features import feature_take_indices
@@ -310,7 +380,7 @@ def _pruned_model_class(cls: type) -> type:
             if self._bus_mass:
                 raise NotImplementedError(
                     "bus: forward_intermediates after a pruning layer is not supported with mass= "
-                    "(packed tokens); use a fixed keep, or take indices before layer "
+                    "(per-sample counts, packed or padded tokens); use a fixed keep, or take indices before layer "
                     f"{self._bus_first_layer}")
             if arg.get("output_fmt", "NCHW") != "NLC":
                 raise ValueError(
@@ -356,6 +426,7 @@ def patch_timm(
     guidance: str = "auto",
     mass: Optional[float] = None,
     min_keep: int = 1,
+    max_keep=None,
     ptm_head: bool = False,
 ) -> nn.Module:
     """Patch a timm ``VisionTransformer`` in place so that it prunes patches at ``layers``.
@@ -373,6 +444,16 @@ def patch_timm(
             ``"mean"``.
         mass: per-sample keep by relevance mass (varlen); later blocks run on packed tokens.
         min_keep: lower bound of the per-sample count with ``mass``.
+        max_keep: with ``mass``, a bound on each sample's count at each layer: a count (int >= 1)
+            or a ratio in (0, 1] of that layer's rankable slots (the patches at the first pruning
+            layer, then the previous bound plus the fused token). Counts above it are clamped to
+            it (it wins over ``min_keep``); with a bound that does not bind (e.g. ``1.0``) the kept
+            tokens and outputs are those of ``mass`` alone. The blocks after the first pruning
+            layer then run on a fixed-shape padded batch instead of packed tokens (padding rows
+            have size 0: never attended), so a train step makes no host sync and
+            ``torch.compile(model, fullgraph=True)`` has no graph break. The output tokens are
+            ``[B, P + bound + 1, D]`` with rows ``>= pruning_state().lengths[b]`` zero, as
+            ``mass`` alone gives them after unpacking (there ``[B, longest, D]``).
         ptm_head: give each TSPS a linear per-patch head for the Patch-Text Matching loss.
 
     Returns the same model. Afterwards ``model(images, text=None, text_mask=None)``,
@@ -384,9 +465,14 @@ def patch_timm(
     Raises:
         TypeError: the model or one of its blocks is not of the supported kind (the message says
             which and why).
-        ValueError: bad ``layers``/``keep``/``guidance``, or ``mass=`` with a pooling that needs
+        ValueError: bad ``layers``/``keep``/``guidance``/``max_keep``, or ``mass=`` with a pooling that needs
             a dense batch.
     """
+    if isinstance(model, torch.fx.GraphModule) or isinstance(getattr(model, "graph_module", None), torch.fx.GraphModule):
+        # e.g. timm.create_model(..., features_only=True, feature_cls="fx"): already traced, dense
+        raise TypeError(f"patch_timm: {type(model).__name__} is an FX graph traced from the unpatched model; patch "
+                        "the model first, then build the extractor: FeatureGraphNet(bus.patch_timm(model, ...), "
+                        "out_indices) or create_feature_extractor(patched_model, return_nodes)")
     blocks = getattr(model, "blocks", None)
     if blocks is None or not hasattr(model, "num_prefix_tokens") or not hasattr(model, "embed_dim"):
         raise TypeError(f"patch_timm: expected a timm VisionTransformer, got {type(model).__name__}")
@@ -395,6 +481,9 @@ def patch_timm(
     layers = sorted(set(int(i) for i in layers))
     if not layers or layers[0] < 0 or layers[-1] >= len(blocks):
         raise ValueError(f"patch_timm: layers={layers} must be block indices in [0, {len(blocks) - 1}]")
+    if max_keep is not None and mass is None:
+        raise ValueError(f"patch_timm: max_keep={max_keep!r} bounds the per-sample counts of mass=; pass mass= "
+                         "too (a fixed keep has static shapes already)")
     rope = getattr(model, "rope", None) is not None
     if rope:  # timm Eva (EVA-02): RoPE, SwiGLU
         if getattr(model, "rope_mixed", False):
@@ -418,10 +507,11 @@ def patch_timm(
     holder = _Holder()
     for i in layers:
         blocks[i].bus_tsps = TSPS(model.embed_dim, keep=keep, mass=mass, min_keep=min_keep, fuse=fuse,
-                                  guidance=guidance, ptm_head=ptm_head, text_free="cls" if has_cls else "mean")
+                                  guidance=guidance, ptm_head=ptm_head, text_free="cls" if has_cls else "mean",
+                                  max_keep=max_keep)
     for i, blk in enumerate(blocks):
         blk.__class__ = (_rope_block_class if rope else _pruned_block_class)(type(blk))
-        blk._bus_holder, blk._bus_index = holder, i
+        blk._bus_holder, blk._bus_index, blk._bus_num_prefix = holder, i, model.num_prefix_tokens
         blk._bus_pruned, blk._bus_last = i >= layers[0], i == len(blocks) - 1
     model.__class__ = _pruned_model_class(type(model))
     model._bus_holder, model._bus_first_layer, model._bus_mass = holder, layers[0], mass is not None

@@ -12,7 +12,13 @@ flag); it only adds what pruning needs around them:
 - every token carries a size (number of patches it stands for); attention after the first
   selection is proportional (``key_bias = log(size)``, as ToMe), so a fused token weighs as much
   as the patches it replaced, and an empty fused token (nothing dropped) is never attended;
-- packed blocks use :func:`bus_kernels.varlen_attention`.
+- packed blocks use :func:`bus_kernels.varlen_attention`;
+- ``mass`` with a bound (``max_keep``) keeps a fixed-shape padded layout instead of packing:
+  ``[B, P + M + 1, D]`` with ``M`` the bound, sample b holding its prefix, its ``keep[b] <= M``
+  kept tokens (index order), its fused token, then padding rows of size 0. Proportional attention
+  gives those rows the key bias ``log 0 = -inf``, so no real token ever attends to them, as with
+  an empty fused token; nothing in this layout has a shape that depends on the data, so the
+  forward and backward run without a host sync and ``torch.compile(fullgraph=True)`` traces them.
 """
 from __future__ import annotations
 
@@ -47,7 +53,9 @@ class PruneState:
     patch_ids: Optional[Tensor] = None
     cu_seqlens: Optional[Tensor] = None
     max_seqlen: int = 0
-    lengths: Optional[Tensor] = None  # final per-sample lengths after unpacking
+    # per-sample lengths of a padded layout: after unpacking (mass=, at the end), or of the
+    # bounded layout (mass= with max_keep, from the first selection on)
+    lengths: Optional[Tensor] = None
     records: list = field(default_factory=list)
     # block index -> patch ids of that block's output tokens (set on the finished state)
     block_patch_ids: dict = field(default_factory=dict)
@@ -55,6 +63,16 @@ class PruneState:
     @property
     def packed(self) -> bool:
         return self.cu_seqlens is not None
+
+    @property
+    def padded(self) -> bool:
+        """True in the bounded (``max_keep``) layout: fixed ``[B, L, D]``, rows ``>= lengths[b]`` padding."""
+        return self.lengths is not None and self.cu_seqlens is None
+
+    def valid(self) -> Tensor:
+        """bool ``[B, L]`` of the bounded layout: True for real rows (``arange(L) < lengths``)."""
+        L = self.sizes.shape[1]
+        return torch.arange(L, device=self.lengths.device)[None, :] < self.lengths[:, None]
 
 
 def _pad_packed(t: Tensor, state: PruneState) -> Tensor:
@@ -77,6 +95,11 @@ class TSPS(nn.Module):
         mass: if set, per-sample counts: each sample keeps its smallest top set holding this share
             of the relevance (``select_tokens_varlen``); later blocks run on packed tokens.
         min_keep: lower bound of the per-sample count in ``mass`` mode.
+        max_keep: with ``mass``, a bound on each sample's count: a count (int >= 1) or a ratio in
+            (0, 1] of this layer's rankable slots (the patches at the first layer; the previous
+            bound plus the fused token after). Counts above it are clamped to it (it wins over
+            ``min_keep``). Later blocks then run on a fixed-shape padded layout (see the module
+            docstring) instead of packed tokens: no host sync, no data-dependent shape.
         fuse: ``"sum"``, ``"mean"`` or ``None``: how dropped tokens are fused into one.
         guidance: ``"text"``, ``"cls"``, ``"mean"`` or ``"auto"`` (text when given, else
             ``text_free``). ``"cls"`` scores by the image [CLS] query (EViT); ``"mean"`` by the
@@ -88,7 +111,7 @@ class TSPS(nn.Module):
 
     def __init__(self, dim: int, *, keep=0.7, mass: Optional[float] = None, min_keep: int = 1,
                  fuse: Optional[str] = "sum", guidance: str = "auto", ptm_head: bool = False,
-                 text_free: str = "cls"):
+                 text_free: str = "cls", max_keep=None):
         super().__init__()
         if guidance not in ("text", "cls", "mean", "auto"):
             raise ValueError(f"TSPS: guidance={guidance!r} must be 'text', 'cls', 'mean' or 'auto'")
@@ -97,11 +120,25 @@ class TSPS(nn.Module):
         self.text_free = text_free
         if mass is None and not (isinstance(keep, int) and keep >= 1 or isinstance(keep, float) and 0 < keep <= 1):
             raise ValueError(f"TSPS: keep={keep!r} must be a count >= 1 or a ratio in (0, 1]")
+        if max_keep is not None:
+            if mass is None:
+                raise ValueError(f"TSPS: max_keep={max_keep!r} bounds the per-sample counts of mass=; pass mass= "
+                                 "too (a fixed keep has static shapes already)")
+            if not (isinstance(max_keep, int) and not isinstance(max_keep, bool) and max_keep >= 1
+                    or isinstance(max_keep, float) and 0 < max_keep <= 1):
+                raise ValueError(f"TSPS: max_keep={max_keep!r} must be a count >= 1 or a ratio in (0, 1]")
+            if isinstance(mass, bool) or not isinstance(mass, (int, float)) or not 0 < mass <= 1:
+                raise ValueError(f"TSPS: mass={mass!r} must be a float in (0, 1]")
+            if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 0:
+                raise ValueError(f"TSPS: min_keep={min_keep!r} must be an int >= 0")
         self.keep, self.mass, self.min_keep, self.fuse, self.guidance = keep, mass, min_keep, fuse, guidance
+        self.max_keep = max_keep
         self.ptm_head = nn.Linear(dim, 1) if ptm_head else None
 
     def extra_repr(self) -> str:
         what = f"mass={self.mass}" if self.mass is not None else f"keep={self.keep}"
+        if self.max_keep is not None:
+            what += f", max_keep={self.max_keep}"
         return f"{what}, fuse={self.fuse!r}, guidance={self.guidance!r}, text_free={self.text_free!r}"
 
     # -------------------------------------------------------------------------------- scoring
@@ -145,6 +182,8 @@ class TSPS(nn.Module):
         P = state.num_prefix
         if state.packed:
             return self._forward_packed(x, q, k, attn, norm1, state)
+        if state.padded:
+            return self._forward_padded(x, q, k, attn, norm1, state)
         B, N, D = x.shape
         n = N - P
         ids = state.patch_ids if state.patch_ids is not None else self._initial_ids(B, N, P, x.device)
@@ -160,6 +199,10 @@ class TSPS(nn.Module):
             sel = bk.select_tokens(x, scores, count, num_prefix=P, fuse=self.fuse)
             state.patch_ids, state.sizes = self._carry(ids, sizes, sel.indices, P)
             return sel.tokens
+        if self.max_keep is not None:
+            keep = self._mass_count(scores)
+            n_real = torch.full_like(keep, n)
+            return self._select_padded(x, scores, ids, sizes, keep, n_real, self._bound(self.max_keep, n), state)
         sel = bk.select_tokens_varlen(x, scores, mass=self.mass, min_keep=self.min_keep, num_prefix=P, fuse=self.fuse)
         self._to_packed(ids, sizes, sel, state)
         return sel.tokens
@@ -186,6 +229,45 @@ class TSPS(nn.Module):
             sel = bk.select_tokens_varlen(x_pad, scores, mass=self.mass, min_keep=self.min_keep, num_prefix=P, fuse=self.fuse)
         self._to_packed(ids, sizes, sel, state)
         return sel.tokens
+
+    # ------------------------------------------------------------------ bounded (padded) layout
+    @staticmethod
+    def _bound(spec, n: int) -> int:
+        """A count or ratio of ``n`` slots as a count in [1, n] (a Python int: a static shape)."""
+        if isinstance(spec, int):
+            return max(1, min(spec, n))
+        return min(n, max(1, math.ceil(round(spec * n, 6))))
+
+    def _mass_count(self, scores: Tensor) -> Tensor:
+        return mass_count(scores, self.mass, self.min_keep)
+
+    def _forward_padded(self, x, q, k, attn, norm1, state):
+        """A later TSPS layer on the bounded layout ``[B, L, D]`` (rows ``>= lengths[b]`` padding)."""
+        P = state.num_prefix
+        n = x.shape[1] - P
+        valid = state.valid()
+        ids, sizes = state.patch_ids, state.sizes
+        qg, q_mask = self._queries(attn, norm1, state, q, sizes)
+        scores = self._masked_relevance(qg, k[:, :, P:], q_mask, valid[:, P:], attn.scale)
+        # padding rows recorded as zeros, as the packed layout's unpacked rows are
+        self._record(x[:, P:].masked_fill(~valid[:, P:, None], 0.0), scores, ids[:, P:], state)
+        n_real = valid[:, P:].sum(dim=1)
+        if self.mass is None:  # a fixed keep on this layout: per-sample counts as in packed mode
+            if isinstance(self.keep, float):
+                keep = torch.ceil(torch.round(n_real * self.keep, decimals=6)).long().clamp(min=1)
+            else:
+                keep = torch.full_like(n_real, self.keep)
+            bound = self._bound(self.keep, n)
+        else:
+            keep = self._mass_count(scores)
+            bound = self._bound(self.max_keep, n) if self.max_keep is not None else n
+        return self._select_padded(x, scores, ids, sizes, keep, n_real, bound, state)
+
+    def _select_padded(self, x: Tensor, scores: Tensor, ids: Tensor, sizes: Tensor, keep: Tensor,
+                       n_real: Tensor, bound: int, state: PruneState) -> Tensor:
+        tokens, state.patch_ids, state.sizes, state.lengths = select_padded(
+            x, scores, ids, sizes, keep, n_real, bound, num_prefix=state.num_prefix, fuse=self.fuse)
+        return tokens
 
     # ----------------------------------------------------------------------------- bookkeeping
     @staticmethod
@@ -235,6 +317,70 @@ class TSPS(nn.Module):
         sizes_kw = dict(total=sel.tokens.shape[0], max_seqlen=sel.max_seqlen)
         state.patch_ids = bk.pack(out_ids, lengths, **sizes_kw).packed
         state.sizes = bk.pack(out_sizes, lengths, **sizes_kw).packed
+
+
+def mass_count(scores: Tensor, mass: float, min_keep: int) -> Tensor:
+    """int64 ``[B]``: the count ``select_tokens_varlen(mass=...)`` keeps, without its host sync.
+
+    ``scores``: ``[B, n]`` float, >= 0. The same rule as ``bus_kernels.reference.mass_keep``:
+    shares from a float64 running sum in rank order, the smallest top set reaching ``mass``, at
+    least ``min_keep``, at most ``n`` (the public API returns the count only with the packed
+    selection, whose size needs the count on the host)."""
+    ranked = torch.sort(scores.double(), dim=1, descending=True, stable=True).values
+    cum = ranked.cumsum(dim=1)
+    share = cum / cum[:, -1:]
+    return ((share < mass).sum(dim=1) + 1).clamp(max=scores.shape[1]).clamp(min=min_keep)
+
+
+def select_padded(x: Tensor, scores: Tensor, ids: Tensor, sizes: Tensor, keep: Tensor, n_real: Tensor,
+                  bound: int, *, num_prefix: int, fuse: Optional[str]):
+    """Per-sample selection into the bounded layout ``[B, P + bound + (fuse is not None), D]``.
+
+    ``x [B, N, D]`` (P = ``num_prefix`` prefix rows, then rankable rows ``P + j``, real for
+    ``j < n_real[b]``); ``scores [B, N - P]`` float (0 on padding); ``ids`` int64 / ``sizes``
+    float32 ``[B, N]`` (patch id, -1 for none; patches per token, 0 for padding); ``keep`` int64
+    ``[B]`` the wanted counts, clamped to ``bound`` (a Python int: a static shape) and ``n_real``.
+
+    Sample b's rows: prefix, its kept tokens in index order, its fused token (``fuse`` of its
+    dropped real tokens as :func:`bus_kernels.select_tokens` computes it, accumulated in fp32),
+    then zero rows of size 0 and id -1. Ranking is the contract's (higher score first, lower
+    index on ties). Returns ``(tokens, ids, sizes, lengths int64 [B])``; differentiable w.r.t.
+    ``x`` and, through the fused token, ``scores``. No host sync, no data-dependent shape."""
+    P = num_prefix
+    B, N, D = x.shape
+    n, M, F_ = N - P, bound, int(fuse is not None)
+    dev = x.device
+    keep = torch.minimum(keep.clamp(max=M), n_real)
+    real_r = torch.arange(n, device=dev)[None, :] < n_real[:, None]
+    # padding ranks last whatever its score (real scores are probabilities, >= 0)
+    top = torch.sort(scores.masked_fill(~real_r, -1.0), dim=1, descending=True, stable=True).indices[:, :M]
+    real = torch.arange(M, device=dev)[None, :] < keep[:, None]
+    # kept tokens in index order first, then the unused top slots (their rows become padding)
+    key = torch.sort(torch.where(real, top, top + n), dim=1).values
+    kept = torch.where(key >= n, key - n, key)
+    patches = x[:, P:]
+    kept_x = patches.gather(1, kept[..., None].expand(B, M, D))
+    kept_ids = ids[:, P:].gather(1, kept).masked_fill(~real, -1)
+    kept_sizes = sizes[:, P:].gather(1, kept).masked_fill(~real, 0.0)
+    slot = torch.arange(M + F_, device=dev)[None, :]
+    body = F.pad(kept_x, (0, 0, 0, F_)).masked_fill((slot >= keep[:, None])[..., None], 0.0)
+    body_ids = F.pad(kept_ids, (0, F_), value=-1)
+    body_sizes = F.pad(kept_sizes, (0, F_))
+    if F_:
+        in_keep = torch.zeros(B, n, dtype=torch.bool, device=dev).scatter(1, kept, real)
+        dropped = real_r & ~in_keep
+        w = scores.float().masked_fill(~dropped, 0.0)
+        # [B, 1, D] accumulated in fp32 (a product and a sum: autocast leaves them in fp32)
+        fused = (w[..., None] * patches.float()).sum(dim=1, keepdim=True)
+        if fuse == "mean":
+            total = w.sum(dim=1)[:, None, None]
+            fused = torch.where(total > 0, fused / total.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+        at = slot == keep[:, None]  # the fused token right after the kept ones
+        body = torch.where(at[..., None], fused.to(x.dtype), body)
+        body_sizes = torch.where(at, sizes[:, P:].masked_fill(~dropped, 0.0).sum(dim=1, keepdim=True), body_sizes)
+    tokens = torch.cat([x[:, :P], body], dim=1)
+    ids = torch.cat([ids[:, :P], body_ids], dim=1)
+    return tokens, ids, torch.cat([sizes[:, :P], body_sizes], dim=1), P + keep + F_
 
 
 # ----------------------------------------------------------------------------- block forward

@@ -19,6 +19,11 @@ TOWERS = {
 PREFIX = {"ViTModel": 1, "CLIPVisionModel": 1, "SiglipVisionModel": 0, "Dinov2Model": 1}
 
 
+def enable_checkpointing(model):
+    """transformers >= 5 names it activation_checkpointing_enable (the old name warns)."""
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+
+
 def images(B=2, seed=0):
     return torch.randn(B, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
 
@@ -110,9 +115,152 @@ def test_bad_arguments():
         model(pixel_values=images(), text=torch.randn(2, 31))
 
 
-def test_gradient_checkpointing_is_refused_clearly():
-    model = TOWERS["ViTModel"]().train()
-    model.gradient_checkpointing_enable()
-    bus.patch_hf(model, layers=(1,), keep=0.5)
-    with pytest.raises(NotImplementedError, match="gradient checkpointing is not supported"):
-        model(pixel_values=images())
+@pytest.mark.parametrize("name", list(TOWERS))
+def test_gradient_checkpointing_gives_the_same_gradients(name):
+    """gradient_checkpointing_enable() on a patched tower: same outputs, records and gradients
+    (parameters and text) as without it; only the patched layers' checkpoint is ours."""
+    torch.manual_seed(0)
+    ref = TOWERS[name]().train()
+    ckpt = copy.deepcopy(ref)
+    enable_checkpointing(ckpt)
+    bus.patch_hf(ref, layers=(1, 2), keep=0.5)
+    bus.patch_hf(ckpt, layers=(1, 2), keep=0.5)
+    assert all(layer.gradient_checkpointing for layer in bus.hf_patch._find_layers(ckpt))
+    x = images(3)
+    got = {}
+    for label, m in (("ref", ref), ("ckpt", ckpt)):
+        t = torch.randn(3, 4, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 1, 0]]).bool()
+        torch.manual_seed(2)  # the same dropout draws (none at these configs' defaults)
+        out = m(pixel_values=x, text=t, text_mask=mask).last_hidden_state
+        st = m.pruning_state()
+        loss = out.square().mean() + sum(r["scores"].square().sum() for r in st.records)
+        loss.backward()
+        g = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        got[label] = (out.detach(), st.patch_ids, g, t.grad)
+    (o1, i1, g1, t1), (o2, i2, g2, t2) = got["ref"], got["ckpt"]
+    torch.testing.assert_close(o2, o1, rtol=0, atol=0)
+    assert torch.equal(i2, i1)
+    assert g1.keys() == g2.keys() and len(g1) > 10
+    for n in g1:
+        torch.testing.assert_close(g2[n], g1[n], rtol=1e-5, atol=1e-6, msg=n)
+    torch.testing.assert_close(t2, t1, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_checkpointing_saves_activations_in_patched_layers():
+    """The patched layers' checkpoint keeps their activations out of the saved tensors."""
+    from test_timm_patch import saved_activation_bytes
+
+    torch.manual_seed(0)
+    model = bus.patch_hf(TOWERS["ViTModel"]().train(), layers=(1, 2, 3), keep=0.5)
+    x = images(4)
+    _, dense = saved_activation_bytes(lambda: model(pixel_values=x).last_hidden_state)
+    enable_checkpointing(model)
+    _, ckpt = saved_activation_bytes(lambda: model(pixel_values=x).last_hidden_state)
+    assert ckpt < 0.5 * dense, (ckpt, dense)
+
+
+# ----------------------------------------------------------------------------- mass= (padded)
+MASS_TOWERS = ["ViTModel", "CLIPVisionModel", "Dinov2Model", "SiglipVisionModel (no head)"]
+
+
+def mass_tower(name):
+    """A tower whose attention is sharp enough (query/key weights of std 0.2, not the configs'
+    0.02) that relevance, hence the per-sample counts of mass=, differ between images."""
+    if name == "SiglipVisionModel (no head)":
+        model = T.SiglipVisionModel(T.SiglipVisionConfig(intermediate_size=64, vision_use_head=False, **SIZE))
+    else:
+        model = TOWERS[name]()
+    with torch.no_grad():
+        for mod in model.modules():
+            if hasattr(mod, "q_proj") and hasattr(mod, "k_proj"):
+                torch.nn.init.normal_(mod.q_proj.weight, std=0.2)
+                torch.nn.init.normal_(mod.k_proj.weight, std=0.2)
+    return model
+
+
+def real(hidden, lengths):
+    return [hidden[b, : int(lengths[b])] for b in range(hidden.shape[0])]
+
+
+@pytest.mark.parametrize("name", MASS_TOWERS)
+def test_mass_batched_equals_each_sample_alone(name):
+    """Per-sample counts on a padded batch: every sample's real rows, kept patches and records
+    equal those of the same sample run alone (a batch of one has no padding), so the padding is
+    never attended; padding rows are zeros. Also with a bound that does not bind."""
+    torch.manual_seed(0)
+    base = mass_tower(name).eval()
+    P = 0 if name.startswith("Siglip") else 1
+    x = images(4)
+    text = torch.randn(4, 3, 32, generator=torch.Generator().manual_seed(1)) * 3
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 0, 1]]).bool()
+    for bound in (None, 1.0):
+        model = bus.patch_hf(copy.deepcopy(base), layers=(1, 2), mass=0.5, min_keep=2, max_keep=bound)
+        for kw in (dict(), dict(text=text, text_mask=mask)):
+            with torch.no_grad():
+                hidden = model(pixel_values=x, **kw).last_hidden_state
+            st = model.pruning_state()
+            first = (st.records[1]["patch_ids"] >= 0).sum(1).tolist()  # counts kept at layer 1
+            assert len(set(st.lengths.tolist())) > 1 or len(set(first)) > 1, "counts must differ here"
+            for b in range(4):
+                L = int(st.lengths[b])
+                assert not hidden[b, L:].any() and (st.patch_ids[b, L:] == -1).all()
+                one = {k: v[b:b + 1] for k, v in kw.items()}
+                with torch.no_grad():
+                    alone = model(pixel_values=x[b:b + 1], **one).last_hidden_state[0]
+                sa = model.pruning_state()
+                assert int(sa.lengths[0]) == L and alone.shape[0] == (L if bound is None else hidden.shape[1])
+                torch.testing.assert_close(hidden[b, :L], alone[:L], rtol=1e-4, atol=1e-5)
+                assert torch.equal(st.patch_ids[b, :L], sa.patch_ids[0, :L])
+                kept = [i for i in st.patch_ids[b, P:L - 1].tolist() if i >= 0]  # the patches, in order
+                assert kept == sorted(kept) and len(set(kept)) == len(kept)
+                n1 = min(sa.records[1]["scores"].shape[1], st.records[1]["scores"].shape[1])
+                torch.testing.assert_close(st.records[1]["scores"][b, :n1], sa.records[1]["scores"][0, :n1],
+                                           rtol=1e-4, atol=1e-6)
+
+
+def test_mass_bound_clamps_counts_and_fixes_shapes():
+    torch.manual_seed(0)
+    base = mass_tower("ViTModel").eval()
+    free = bus.patch_hf(copy.deepcopy(base), layers=(1,), mass=0.95)
+    bounded = bus.patch_hf(base, layers=(1,), mass=0.95, max_keep=4)
+    x = images(3)
+    with torch.no_grad():
+        free(pixel_values=x)
+        hidden = bounded(pixel_values=x).last_hidden_state
+    want = free.pruning_state().lengths - 2
+    assert (want > 4).any()
+    assert hidden.shape == (3, 1 + 4 + 1, 32)
+    assert torch.equal(bounded.pruning_state().lengths - 2, want.clamp(max=4))
+    scores = bounded.pruning_state().records[0]["scores"]
+    for b in range(3):
+        k = int(bounded.pruning_state().lengths[b]) - 2
+        top = torch.sort(scores[b], descending=True, stable=True).indices[:k]
+        assert bounded.pruning_state().patch_ids[b, 1:1 + k].tolist() == sorted(top.tolist())
+
+
+def test_mass_gradient_checkpointing_and_backward():
+    torch.manual_seed(0)
+    ref = bus.patch_hf(mass_tower("CLIPVisionModel").train(), layers=(1, 2), mass=0.6, max_keep=0.75)
+    ckpt = copy.deepcopy(ref)
+    enable_checkpointing(ckpt)
+    x, t = images(3), torch.randn(3, 32)
+    grads = []
+    for m in (ref, ckpt):
+        out = m(pixel_values=x, text=t)
+        (out.last_hidden_state.square().mean() + out.pooler_output.sum()).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_mass_bad_arguments():
+    with pytest.raises(ValueError, match="patch_hf: max_keep"):
+        bus.patch_hf(TOWERS["ViTModel"](), layers=(1,), max_keep=4)
+    with pytest.raises(ValueError, match="max_keep"):
+        bus.patch_hf(TOWERS["ViTModel"](), layers=(1,), mass=0.5, max_keep=0)
+    with pytest.raises(ValueError, match="mass"):
+        bus.patch_hf(TOWERS["ViTModel"](), layers=(1,), mass=1.5)
+    with pytest.raises(ValueError, match="attention-pool head"):
+        bus.patch_hf(TOWERS["SiglipVisionModel"](), layers=(1,), mass=0.5)
