@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bus_kernels as bk
+from bus_kernels.reference import mass_keep as _mass_keep
 
 
 @dataclass
@@ -322,14 +323,11 @@ class TSPS(nn.Module):
 def mass_count(scores: Tensor, mass: float, min_keep: int) -> Tensor:
     """int64 ``[B]``: the count ``select_tokens_varlen(mass=...)`` keeps, without its host sync.
 
-    ``scores``: ``[B, n]`` float, >= 0. The same rule as ``bus_kernels.reference.mass_keep``:
+    ``scores``: ``[B, n]`` float, >= 0. The reference's rule (``bus_kernels.reference.mass_keep``):
     shares from a float64 running sum in rank order, the smallest top set reaching ``mass``, at
     least ``min_keep``, at most ``n`` (the public API returns the count only with the packed
     selection, whose size needs the count on the host)."""
-    ranked = torch.sort(scores.double(), dim=1, descending=True, stable=True).values
-    cum = ranked.cumsum(dim=1)
-    share = cum / cum[:, -1:]
-    return ((share < mass).sum(dim=1) + 1).clamp(max=scores.shape[1]).clamp(min=min_keep)
+    return _mass_keep(scores, mass, min_keep)
 
 
 def select_padded(x: Tensor, scores: Tensor, ids: Tensor, sizes: Tensor, keep: Tensor, n_real: Tensor,

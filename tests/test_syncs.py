@@ -16,7 +16,8 @@ With value checks off (``set_value_checks(False)``, the default for CUDA tensors
 kernels (the interpreter, ``TRITON_INTERPRET=1``), the budgets of DESIGN.md section 2 hold per
 call, forward and backward: relevance_scores, select_tokens, varlen_attention (given max_seqlen),
 pack/unpack (given sizes) 0; select_tokens_varlen at most 1, 0 given total and max_seqlen; a
-patched timm ViT train step 0 with a fixed keep, at most 1 per TSPS layer with ``mass=``.
+patched timm ViT train step 0 with a fixed keep, at most 1 per TSPS layer with ``mass=``, and
+0 with ``mass=`` and a ``max_keep`` bound (asserted in ``tests/test_timm_trace.py``).
 """
 from __future__ import annotations
 
