@@ -65,7 +65,8 @@ def _train_seeds(model: str, out: Path, args: list[str]) -> list[dict]:
     procs = []
     for seed in SEEDS:
         d = out / f"{model}-seed{seed}"
-        cmd = [sys.executable, "-m", "bus.train", *args, "--model", model, "--seed", str(seed), "--out", str(d)]
+        cmd = [sys.executable, "-m", "bus.train", *args, "--model", model, "--seed", str(seed),
+               "--out", str(d)]
         with open(out / f"{d.name}.log", "w") as log:  # a file, not a pipe: no run blocks on its output
             procs.append((d, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)))
     evals = []

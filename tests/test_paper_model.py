@@ -177,7 +177,8 @@ def test_online_itc_reaches_both_encoders_from_each_direction():
     img_m, txt_m = n(torch.randn(B, E)), n(torch.randn(B, E))
     for batch, reaches in (("online", True), ("momentum", False)):
         img, txt = n(torch.randn(B, E)).requires_grad_(True), n(torch.randn(B, E)).requires_grad_(True)
-        _, sim = L.itc_distill_loss(img, txt, img_m, txt_m, L.FeatureQueue(0, E), torch.tensor(5.0), 0.0, batch=batch)
+        _, sim = L.itc_distill_loss(img, txt, img_m, txt_m, L.FeatureQueue(0, E), torch.tensor(5.0), 0.0,
+                                    batch=batch)
         i2t = torch.nn.functional.cross_entropy(sim, torch.arange(B))  # the i2t term, as the loss computes it
         (g,) = torch.autograd.grad(i2t, txt, allow_unused=True)
         assert (g is not None and g.abs().sum() > 0) == reaches, batch
@@ -429,8 +430,9 @@ _itc = L.itc_distill_loss
 L.itc_distill_loss = lambda *a, **k: (seen.append([a[2].clone(), a[3].clone()]), _itc(*a, **k))[1]
 
 torch.manual_seed(0)
-cfg = BUSConfig.paper_tiny(vocab_size=40, img_size=32, vit_kwargs={"patch_size": 8, "depth": 2}, tsps_layers=(1,),
-                           text_layers=1, fusion_layers=2, connect_every=1, decoder_layers=1, queue_size=64)
+cfg = BUSConfig.paper_tiny(vocab_size=40, img_size=32, vit_kwargs={"patch_size": 8, "depth": 2},
+                           tsps_layers=(1,), text_layers=1, fusion_layers=2, connect_every=1,
+                           decoder_layers=1, queue_size=64)
 model = BUSModel(cfg, bus=False).train()
 net = DDP(model)  # broadcast_buffers=True: rank 0's queue is copied to every rank before each forward
 opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
@@ -471,9 +473,11 @@ def test_ddp_queue_holds_every_ranks_momentum_features(tmp_path):
     repo = str(Path(__file__).resolve().parents[1])
     script = tmp_path / "ddp_queue_worker.py"
     script.write_text(_DDP_QUEUE_WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script)]
     p = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert p.stdout.count("QUEUE OK") == 2, p.stdout[-2000:]

@@ -228,9 +228,11 @@ def test_preset_trains_and_is_recorded(tmp_path):
 
 
 # The paper's stack at the quality runs' geometry (benchmarks/RESULTS.md), smaller queue and depth.
-PAPER_TINY = ["--preset", "paper_tiny", "--img-size", "32", "--model-arg", "vit_kwargs={patch_size: 8, depth: 4}",
-              "--model-arg", "tsps_layers=[1, 3]", "--model-arg", "text_layers=1", "--model-arg", "fusion_layers=2",
-              "--model-arg", "connect_every=1", "--model-arg", "decoder_layers=1", "--model-arg", "queue_size=24",
+PAPER_TINY = ["--preset", "paper_tiny", "--img-size", "32",
+              "--model-arg", "vit_kwargs={patch_size: 8, depth: 4}", "--model-arg", "tsps_layers=[1, 3]",
+              "--model-arg", "text_layers=1", "--model-arg", "fusion_layers=2",
+              "--model-arg", "connect_every=1", "--model-arg", "decoder_layers=1",
+              "--model-arg", "queue_size=24",
               "--no-progress"]
 
 
@@ -241,9 +243,9 @@ def test_paper_stack_resume_is_bit_exact(tmp_path, model):
     uninterrupted run, and ends with the same parameters, momentum copies and queue, bit for bit.
     k = 7 of 14 at batch 8 / 40 samples cuts epoch 1 mid-way; the 24-slot queue wraps."""
     k = 7
-    common = PAPER_TINY + ["--model", model, "--steps", str(2 * k), "--batch-size", "8", "--train-samples", "40",
-                           "--val-samples", "8", "--lr", "1e-3", "--eval-every", "4", "--ckpt-every", "0",
-                           "--precision", "fp32", "--seed", "3", "--viz-samples", "0"]
+    common = PAPER_TINY + ["--model", model, "--steps", str(2 * k), "--batch-size", "8",
+                           "--train-samples", "40", "--val-samples", "8", "--lr", "1e-3", "--eval-every", "4",
+                           "--ckpt-every", "0", "--precision", "fp32", "--seed", "3", "--viz-samples", "0"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     main(common + ["--out", a])
     main(common + ["--out", b, "--stop-after", str(k)])
