@@ -67,7 +67,8 @@ class BUSConfig:
     distill_alpha: float = 0.4  # ITC soft targets: alpha * momentum similarities + (1 - alpha) * one-hot
     # ITC's in-batch candidates: "online" (both encoders get every in-batch term's gradient, as CLIP)
     # or "momentum" (ALBEF exactly: the other side's momentum features). ALBEF starts from pretrained
-    # encoders; from random init "momentum" stayed at chance (bus/models/losses.py, RESULTS.md).
+    # encoders; from random init "momentum" left chance only after ~800 of 1000 steps on paper_tiny,
+    # "online" after 150-450 (bus/models/losses.py, benchmarks/RESULTS.md).
     itc_batch: str = "online"
     # Std of the normal init of the transformer weights (ViT linear layers, every BERT-style part).
     # None: 0.02 * sqrt(768 / width), per tower (ViT width, text width): BERT/ViT-B's 0.02 at width

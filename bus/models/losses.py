@@ -127,8 +127,10 @@ def itc_distill_loss(img: Tensor, txt: Tensor, img_m: Tensor, txt_m: Tensor, que
     Why "online" exists: ALBEF starts from a pretrained BERT and ViT. From random init every [CLS]
     feature is nearly the same (cosine 1 - 1e-5 between captions at width 64), and contrasting the
     online side against momentum features that trail it by ~1 / (1 - momentum) steps, plus a queue
-    of even older ones, lets ITC lower its loss by telling fresh features from stale ones instead of
-    leaving the chance plateau (measured: benchmarks/RESULTS.md, the paper stack's quality section).
+    of even older ones, kept ITC on its chance plateau for ~800 of 1000 steps on ``paper_tiny``
+    (150-450 with "online"; the plateau sits below ln(batch + queue), consistent with ITC telling
+    fresh features from stale ones rather than matching images to captions; measured:
+    benchmarks/RESULTS.md, the paper stack's quality section).
 
     Targets (both forms): ``alpha`` * softmax of the momentum similarities (momentum features
     against ``[batch momentum; queue]``) + (1 - ``alpha``) * the one-hot positives. Empty queue slots
