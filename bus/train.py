@@ -39,6 +39,8 @@ own shard per epoch. Rank 0 writes logs, checkpoints and pictures and runs the e
 the others wait at a barrier. Note that ITC and ITM use **in-batch negatives per rank** (the
 model does not all-gather embeddings): a global batch of B on N ranks trains with the negatives
 of a batch of B / N, like N independent small-batch contrastive runs with averaged gradients.
+The paper stack's ITC queue is the exception: every rank enqueues the momentum features of the
+whole global batch (all-gathered, as ALBEF), so the ranks keep one identical queue.
 
 This module wires the run together; the parts live in :mod:`bus.training` (``config``,
 ``distributed``, ``data``, ``loop``, ``checkpoint``, ``evaluate``).

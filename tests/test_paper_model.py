@@ -132,7 +132,8 @@ def test_model_fills_its_queue_and_resumes_it_from_the_state_dict():
     assert torch.equal(m2.queue.image, m.queue.image) and int(m2.queue.ptr) == 2
 
 
-def test_itc_distill_loss_by_hand():
+@pytest.mark.parametrize("batch", ["online", "momentum"])
+def test_itc_distill_loss_by_hand(batch):
     torch.manual_seed(0)
     B, Q, E = 3, 4, 8
     n = lambda t: torch.nn.functional.normalize(t, dim=-1)  # noqa: E731
@@ -140,25 +141,64 @@ def test_itc_distill_loss_by_hand():
     q = L.FeatureQueue(Q + 2, E)  # two slots still empty: they must not count
     q.enqueue(n(torch.randn(Q, E)), n(torch.randn(Q, E)))
     scale, alpha = torch.tensor(5.0), 0.4
-    loss, sim = L.itc_distill_loss(img, txt, img_m, txt_m, q, scale, alpha)
-    img_all, txt_all = torch.cat([img_m, q.image[:Q]]), torch.cat([txt_m, q.text[:Q]])
+    loss, sim = L.itc_distill_loss(img, txt, img_m, txt_m, q, scale, alpha, batch=batch)
+    # scored candidates: the batch (online or momentum) + the queue; targets: momentum features only
+    img_b, txt_b = (img, txt) if batch == "online" else (img_m, txt_m)
+    img_all, txt_all = torch.cat([img_b, q.image[:Q]]), torch.cat([txt_b, q.text[:Q]])
+    img_all_m, txt_all_m = torch.cat([img_m, q.image[:Q]]), torch.cat([txt_m, q.text[:Q]])
     total = 0.0
-    for a, a_m, other in ((img, img_m, txt_all), (txt, txt_m, img_all)):
+    for a, a_m, other, other_m in ((img, img_m, txt_all, txt_all_m), (txt, txt_m, img_all, img_all_m)):
         for b in range(B):
             onehot = torch.zeros(B + Q)
             onehot[b] = 1
-            target = alpha * torch.softmax(scale * a_m[b] @ other.t(), 0) + (1 - alpha) * onehot
+            target = alpha * torch.softmax(scale * a_m[b] @ other_m.t(), 0) + (1 - alpha) * onehot
             total = total - (torch.log_softmax(scale * a[b] @ other.t(), 0) * target).sum() / B
     torch.testing.assert_close(loss, total / 2)
+    torch.testing.assert_close(sim, scale * img @ txt_b.t())
     img.requires_grad_(True)
-    L.itc_distill_loss(img, txt, img_m, txt_m, q, scale, alpha)[0].backward()
-    assert torch.isfinite(img.grad).all()
-    torch.testing.assert_close(sim, scale * img @ txt_m.t())
+    txt.requires_grad_(True)
+    L.itc_distill_loss(img, txt, img_m, txt_m, q, scale, alpha, batch=batch)[0].backward()
+    assert torch.isfinite(img.grad).all() and torch.isfinite(txt.grad).all()
     # alpha = 0 and an empty queue: in-batch cross-entropy
-    loss0, _ = L.itc_distill_loss(img, txt, img_m, txt_m, L.FeatureQueue(0, E), scale, 0.0)
+    loss0, _ = L.itc_distill_loss(img, txt, img_m, txt_m, L.FeatureQueue(0, E), scale, 0.0, batch=batch)
     ce = torch.nn.functional.cross_entropy
     t = torch.arange(B)
-    torch.testing.assert_close(loss0, (ce(scale * img @ txt_m.t(), t) + ce(scale * txt @ img_m.t(), t)) / 2)
+    torch.testing.assert_close(loss0, (ce(scale * img @ txt_b.t(), t) + ce(scale * txt @ img_b.t(), t)) / 2)
+    with pytest.raises(ValueError, match="batch"):
+        L.itc_distill_loss(img, txt, img_m, txt_m, q, scale, alpha, batch="queue")
+
+
+def test_online_itc_reaches_both_encoders_from_each_direction():
+    """batch="online": the image->text term alone moves the text features too (CLIP-style);
+    "momentum" (ALBEF) leaves the text side without gradient from that term."""
+    torch.manual_seed(1)
+    B, E = 4, 8
+    n = lambda t: torch.nn.functional.normalize(t, dim=-1)  # noqa: E731
+    img_m, txt_m = n(torch.randn(B, E)), n(torch.randn(B, E))
+    for batch, reaches in (("online", True), ("momentum", False)):
+        img, txt = n(torch.randn(B, E)).requires_grad_(True), n(torch.randn(B, E)).requires_grad_(True)
+        _, sim = L.itc_distill_loss(img, txt, img_m, txt_m, L.FeatureQueue(0, E), torch.tensor(5.0), 0.0,
+                                    batch=batch)
+        i2t = torch.nn.functional.cross_entropy(sim, torch.arange(B))  # the i2t term, as the loss computes it
+        (g,) = torch.autograd.grad(i2t, txt, allow_unused=True)
+        assert (g is not None and g.abs().sum() > 0) == reaches, batch
+
+
+def test_width_scaled_init():
+    """init_std None: 0.02 * sqrt(768 / width) per tower (0.02 at the paper's 768, unchanged there)."""
+    cfg = BUSConfig.paper_tiny(vocab_size=VOCAB, text_width=32)
+    assert cfg.weight_init_std(768) == 0.02 and abs(cfg.weight_init_std(64) - 0.02 * 12 ** 0.5) < 1e-12
+    torch.manual_seed(0)
+    m = BUSModel(cfg, bus=False)
+    qkv = m.vision.vit.blocks[0].attn.qkv.weight
+    assert abs(qkv.std().item() - cfg.weight_init_std(64)) < 0.1 * cfg.weight_init_std(64)
+    q = m.text.bert.encoder.layer[0].attention.self.query.weight
+    assert abs(q.std().item() - cfg.weight_init_std(32)) < 0.1 * cfg.weight_init_std(32)
+    assert torch.equal(m.vision_m.vit.blocks[0].attn.qkv.weight, qkv)  # the momentum copy starts equal
+    fixed = BUSModel(BUSConfig.paper_tiny(vocab_size=VOCAB, init_std=0.02), bus=False)
+    assert abs(fixed.vision.vit.blocks[0].attn.qkv.weight.std().item() - 0.02) < 0.002
+    with pytest.raises(ValueError, match="init_std"):
+        BUSModel(BUSConfig.paper_tiny(vocab_size=VOCAB, init_std=0.0))
 
 
 def test_hard_negatives_never_pick_the_positive():
@@ -322,7 +362,8 @@ def test_config_round_trip_deepcopy_and_bad_values():
                      (dict(mlm_prob=0.0), "mlm_prob"), (dict(text_guided_from=3), "text_guided_from"), (dict(text_guided_from=-4), "text_guided_from"),
                      (dict(distill_alpha=-1), "distill_alpha"), (dict(connect_every=0), "connect_every"),
                      (dict(arch="other"), "arch"),
-                     (dict(itm_negatives="x"), "itm_negatives"), (dict(itc_on="x"), "itc_on")]:
+                     (dict(itm_negatives="x"), "itm_negatives"), (dict(itc_on="x"), "itc_on"),
+                     (dict(itc_batch="x"), "itc_batch")]:
         with pytest.raises(ValueError, match=msg):
             BUSModel(BUSConfig.paper_tiny(vocab_size=VOCAB, **bad))
     with pytest.raises(ValueError, match="at least 2"):
@@ -371,3 +412,72 @@ def test_flop_count_on_meta_equals_cpu():
     cpu = (flops.step_flops(m, batch), flops.vit_flops(m, batch["images"]),
            {p: v[0] for p, v in flops.forward_parts(m, batch).items()})
     assert meta == cpu and meta[0] > 3 * meta[2]["total"] * 0.9 > 0
+
+
+_DDP_QUEUE_WORKER = r'''
+import sys
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from bus.model import BUSConfig, BUSModel
+from bus.models import losses as L
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+seen = []  # this rank's momentum features (img_m, txt_m), as ITC receives them
+_itc = L.itc_distill_loss
+L.itc_distill_loss = lambda *a, **k: (seen.append([a[2].clone(), a[3].clone()]), _itc(*a, **k))[1]
+
+torch.manual_seed(0)
+cfg = BUSConfig.paper_tiny(vocab_size=40, img_size=32, vit_kwargs={"patch_size": 8, "depth": 2},
+                           tsps_layers=(1,), text_layers=1, fusion_layers=2, connect_every=1,
+                           decoder_layers=1, queue_size=64)
+model = BUSModel(cfg, bus=False).train()
+net = DDP(model)  # broadcast_buffers=True: rank 0's queue is copied to every rank before each forward
+opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+B = 3
+for step in range(2):
+    g = torch.Generator().manual_seed(100 * rank + step)  # each rank its own data
+    ids = torch.randint(5, 40, (B, 7), generator=g)
+    ids[:, 0], ids[:, -1] = 2, 3
+    batch = dict(images=torch.randn(B, 3, 32, 32, generator=g), input_ids=ids,
+                 attention_mask=torch.ones(B, 7, dtype=torch.long))
+    opt.zero_grad()
+    net(batch)["loss"].backward()
+    opt.step()
+everyone = [None] * world
+dist.all_gather_object(everyone, [[t.tolist() for t in s] for s in seen])
+want_img = torch.cat([torch.tensor(everyone[r][s][0]) for s in range(2) for r in range(world)])
+want_txt = torch.cat([torch.tensor(everyone[r][s][1]) for s in range(2) for r in range(world)])
+n = 2 * world * B
+q = model.queue
+assert int(q.filled) == n and int(q.ptr) == n, (int(q.filled), int(q.ptr))
+torch.testing.assert_close(q.image[:n], want_img, rtol=0, atol=1e-6)
+torch.testing.assert_close(q.text[:n], want_txt, rtol=0, atol=1e-6)
+assert not torch.equal(want_img[:B], want_img[B:2 * B])  # the ranks did see different data
+print(f"rank {rank} QUEUE OK", flush=True)
+dist.destroy_process_group()
+'''
+
+
+def test_ddp_queue_holds_every_ranks_momentum_features(tmp_path):
+    """Two gloo ranks with different data: after 2 steps each rank's queue holds the momentum
+    features of both ranks, in step then rank order (ALBEF's all-gather before enqueue). Without
+    the gather, DDP's buffer broadcast would leave every rank with rank 0's features only."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = str(Path(__file__).resolve().parents[1])
+    script = tmp_path / "ddp_queue_worker.py"
+    script.write_text(_DDP_QUEUE_WORKER)
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script)]
+    p = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.stdout.count("QUEUE OK") == 2, p.stdout[-2000:]

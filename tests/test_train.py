@@ -225,3 +225,44 @@ def test_preset_trains_and_is_recorded(tmp_path):
     assert s["steps"] == 2
     with open(os.path.join(out, "config.yaml")) as f:
         assert yaml.safe_load(f)["train"]["preset"] == "tiny"
+
+
+# The paper's stack at the quality runs' geometry (benchmarks/RESULTS.md), smaller queue and depth.
+PAPER_TINY = ["--preset", "paper_tiny", "--img-size", "32",
+              "--model-arg", "vit_kwargs={patch_size: 8, depth: 4}", "--model-arg", "tsps_layers=[1, 3]",
+              "--model-arg", "text_layers=1", "--model-arg", "fusion_layers=2",
+              "--model-arg", "connect_every=1", "--model-arg", "decoder_layers=1",
+              "--model-arg", "queue_size=24",
+              "--no-progress"]
+
+
+@pytest.mark.parametrize("model", ["bus", "baseline"])
+def test_paper_stack_resume_is_bit_exact(tmp_path, model):
+    """The paper stack (momentum encoders, ITC queue, MLM masking, PrefixLM split, hard negatives:
+    every random draw of a step) stopped after k steps and resumed logs the same losses as an
+    uninterrupted run, and ends with the same parameters, momentum copies and queue, bit for bit.
+    k = 7 of 14 at batch 8 / 40 samples cuts epoch 1 mid-way; the 24-slot queue wraps."""
+    k = 7
+    common = PAPER_TINY + ["--model", model, "--steps", str(2 * k), "--batch-size", "8",
+                           "--train-samples", "40", "--val-samples", "8", "--lr", "1e-3", "--eval-every", "4",
+                           "--ckpt-every", "0", "--precision", "fp32", "--seed", "3", "--viz-samples", "0"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    main(common + ["--out", a])
+    main(common + ["--out", b, "--stop-after", str(k)])
+    mid = torch.load(os.path.join(b, "last.pt"), weights_only=True)["model"]
+    assert int(mid["queue.filled"]) == 24 and int(mid["queue.ptr"]) == (8 * k) % 24
+    main(common + ["--out", b, "--resume", "auto"])
+    keys = ("step", "loss", "itc", "itm", "mlm", "lm", "ptm")
+    la = [tuple(r[key] for key in keys) for r in _records(a, "train")]
+    lb = [tuple(r[key] for key in keys) for r in _records(b, "train")]
+    assert [r[0] for r in lb] == list(range(1, 2 * k + 1))
+    assert la == lb  # exact float equality, every step after the resume included
+    ea = [(e["step"], e["i2t_r@1"], e["t2i_r@5"]) for e in _records(a, "eval")]
+    assert ea == [(e["step"], e["i2t_r@1"], e["t2i_r@5"]) for e in _records(b, "eval")]
+    wa = torch.load(os.path.join(a, "last.pt"), weights_only=True)["model"]
+    wb = torch.load(os.path.join(b, "last.pt"), weights_only=True)["model"]
+    assert wa.keys() == wb.keys()
+    assert any(n.startswith("vision_m.") for n in wa) and "queue.image" in wa
+    differ = [n for n in wa if not torch.equal(wa[n], wb[n])]
+    assert not differ, differ
+    assert not torch.equal(mid["queue.image"], wa["queue.image"])  # the second half did move the queue

@@ -13,6 +13,7 @@ Two architectures share one config, so a checkpoint's ``model_config`` rebuilds 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
@@ -64,6 +65,17 @@ class BUSConfig:
     queue_size: int = 65536
     momentum: float = 0.995
     distill_alpha: float = 0.4  # ITC soft targets: alpha * momentum similarities + (1 - alpha) * one-hot
+    # ITC's in-batch candidates: "online" (both encoders get every in-batch term's gradient, as CLIP)
+    # or "momentum" (ALBEF exactly: the other side's momentum features). ALBEF starts from pretrained
+    # encoders; from random init "momentum" left chance only after ~800 of 1000 steps on paper_tiny,
+    # "online" after 150-450 (bus/models/losses.py, benchmarks/RESULTS.md).
+    itc_batch: str = "online"
+    # Std of the normal init of the transformer weights (ViT linear layers, every BERT-style part).
+    # None: 0.02 * sqrt(768 / width), per tower (ViT width, text width): BERT/ViT-B's 0.02 at width
+    # 768 (the paper preset's init is unchanged), scaled with fan-in so that a narrow preset starts
+    # with the same spread of [CLS] features across inputs as the full one (a fixed 0.02 at width 64
+    # leaves every caption's [CLS] feature at cosine 1 - 1e-5 to the others, 100x closer than at 768).
+    init_std: Optional[float] = None
     # guidance="text": index into tsps_layers (negative: from the end) of the first layer the caption
     # guides. The ViT up to that layer runs once, CLS-guided (shared by every pass); only the blocks
     # from there on run again per caption-guided pass. 0: every TSPS layer text-guided (as the paper);
@@ -130,6 +142,15 @@ class BUSConfig:
         )
         cfg.update(overrides)
         return cls(**cfg)
+
+    def weight_init_std(self, width: int) -> float:
+        """The init std of a transformer tower of ``width`` (paper stack): ``init_std``, else
+        0.02 * sqrt(768 / width)."""
+        if self.init_std is not None:
+            if not self.init_std > 0:
+                raise ValueError(f"BUSConfig.init_std={self.init_std} must be > 0 (or None)")
+            return float(self.init_std)
+        return 0.02 * math.sqrt(768 / width)
 
     def to_dict(self) -> dict:
         return asdict(self)

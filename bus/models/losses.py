@@ -2,7 +2,8 @@
 
 - :func:`ptm_loss`: Patch-Text Matching on each TSPS layer's relevance scores (both stacks).
 - :class:`FeatureQueue` + :func:`itc_distill_loss`: ALBEF/mPLUG image-text contrast against the
-  batch and a queue of momentum features, with momentum-distilled soft targets.
+  batch (online or momentum features) and a queue of momentum features, with momentum-distilled
+  soft targets.
 - :func:`hard_negatives` + :func:`itm_loss`: image-text matching on hard negatives drawn from the
   contrastive similarities.
 - :func:`mask_tokens` + :func:`token_loss`: BERT masking (MLM), and the cross-entropy shared by MLM
@@ -93,18 +94,54 @@ class FeatureQueue(nn.Module):
         self.filled.copy_(torch.clamp(self.filled + n, max=self.size))
 
 
+@torch.no_grad()
+def gather_across_ranks(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Each tensor [B, ...] concatenated over every rank of the default process group, in rank
+    order ([world * B, ...]; ALBEF's ``concat_all_gather``); unchanged without a process group.
+    No gradient (for momentum features). Every rank must pass the same shapes."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensors
+    out = []
+    for t in tensors:
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+        out.append(torch.cat(parts))
+    return tuple(out)
+
+
 def itc_distill_loss(img: Tensor, txt: Tensor, img_m: Tensor, txt_m: Tensor, queue: FeatureQueue,
-                     scale: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
-    """ALBEF's ITC with momentum distillation.
+                     scale: Tensor, alpha: float, batch: str = "online") -> tuple[Tensor, Tensor]:
+    """ITC with momentum distillation and a queue (ALBEF), with a choice of in-batch candidates.
 
     ``img``, ``txt``: normalised online features [B, E]; ``img_m``, ``txt_m``: normalised momentum
-    features [B, E] (no grad); each side is contrasted against the batch's and the queue's momentum
-    features of the other modality. Targets: ``alpha`` * softmax of the momentum similarities +
-    (1 - ``alpha``) * the one-hot positives. Returns (loss float32 scalar, in-batch online
-    similarities image->text [B, B] for ITM hard negatives)."""
+    features [B, E] (no grad). Each side is contrasted against B in-batch candidates of the other
+    modality plus the queue's (momentum) features:
+
+    - ``batch="momentum"`` (ALBEF exactly): the in-batch candidates are the momentum features
+      ``txt_m`` / ``img_m``; the image gradient never reaches the text encoder and vice versa.
+    - ``batch="online"``: the in-batch candidates are the online features ``txt`` / ``img`` (as CLIP
+      and the small stack), so both encoders get the gradient of every in-batch term.
+
+    Why "online" exists: ALBEF starts from a pretrained BERT and ViT. From random init every [CLS]
+    feature is nearly the same (cosine 1 - 1e-5 between captions at width 64), and contrasting the
+    online side against momentum features that trail it by ~1 / (1 - momentum) steps, plus a queue
+    of even older ones, kept ITC on its chance plateau for ~800 of 1000 steps on ``paper_tiny``
+    (150-450 with "online"; the plateau sits below ln(batch + queue), consistent with ITC telling
+    fresh features from stale ones rather than matching images to captions; measured:
+    benchmarks/RESULTS.md, the paper stack's quality section).
+
+    Targets (both forms): ``alpha`` * softmax of the momentum similarities (momentum features
+    against ``[batch momentum; queue]``) + (1 - ``alpha``) * the one-hot positives. Empty queue slots
+    are masked out. Returns (loss float32 scalar, in-batch similarities image->text [B, B] (online
+    image against the in-batch text candidates) for ITM hard negatives)."""
+    if batch not in ("online", "momentum"):
+        raise ValueError(f"itc_distill_loss: batch={batch!r} must be 'online' or 'momentum'")
     q_img, q_txt, q_valid = queue.features()
-    img_all = torch.cat([img_m, q_img.to(img_m.dtype)])
-    txt_all = torch.cat([txt_m, q_txt.to(txt_m.dtype)])
+    img_b, txt_b = (img, txt) if batch == "online" else (img_m, txt_m)
+    img_all = torch.cat([img_b, q_img.to(img_b.dtype)])
+    txt_all = torch.cat([txt_b, q_txt.to(txt_b.dtype)])
     B = img.shape[0]
     # empty slots: -inf logits (no probability, no gradient)
     bias = torch.zeros(img_all.shape[0], device=img.device).masked_fill(
@@ -112,8 +149,10 @@ def itc_distill_loss(img: Tensor, txt: Tensor, img_m: Tensor, txt_m: Tensor, que
     with torch.no_grad():
         onehot = torch.zeros(B, img_all.shape[0], device=img.device)
         onehot[:, :B] = torch.eye(B, device=img.device)
-        t_i2t = alpha * (scale * img_m @ txt_all.t() + bias).softmax(dim=1) + (1 - alpha) * onehot
-        t_t2i = alpha * (scale * txt_m @ img_all.t() + bias).softmax(dim=1) + (1 - alpha) * onehot
+        img_all_m = torch.cat([img_m, q_img.to(img_m.dtype)])
+        txt_all_m = torch.cat([txt_m, q_txt.to(txt_m.dtype)])
+        t_i2t = alpha * (scale * img_m @ txt_all_m.t() + bias).softmax(dim=1) + (1 - alpha) * onehot
+        t_t2i = alpha * (scale * txt_m @ img_all_m.t() + bias).softmax(dim=1) + (1 - alpha) * onehot
     sim_i2t = scale * img @ txt_all.t() + bias
     sim_t2i = scale * txt @ img_all.t() + bias
     # masked slots have target 0 and log-probability -inf: where() keeps 0 * -inf out of the sum

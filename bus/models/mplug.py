@@ -10,7 +10,8 @@ One training step (``forward``), as ALBEF/mPLUG, plus BUS's PTM:
 1. momentum update of the momentum encoders (EMA, no grad; training mode only);
 2. text encoder on the caption; ViT stem once; the text-free (CLS-guided) rest -> ITC image
    feature; momentum ViT (CLS-guided) and momentum text encoder -> ITC targets and the queue;
-3. ITC with momentum distillation against batch + queue; hard negatives from its similarities;
+3. ITC with momentum distillation against batch + queue (in-batch candidates online by default,
+   ``BUSConfig.itc_batch``); hard negatives from its similarities;
 4. the visual tokens the fusion sees: ``guidance="image"``: the CLS-guided tokens for every row;
    ``"text"``: one caption-guided rest pass over 3B rows (image + its caption, image + its hard
    negative caption, hard negative image + caption), each image guided by the caption it is
@@ -19,7 +20,7 @@ One training step (``forward``), as ALBEF/mPLUG, plus BUS's PTM:
    caption's prefix through text encoder + fusion with the positive rows, the decoder predicting the
    suffix from [fused visual tokens; fused prefix];
 6. PTM on the TSPS relevance of the positive rows (the caption-guided selector in ``"text"``);
-7. enqueue the momentum features.
+7. enqueue the momentum features (gathered over every DDP rank, as ALBEF).
 
 Retrieval (``image_embedding``) uses only the CLS-guided path, never a caption.
 MLM and PrefixLM reuse the positive rows' visual tokens: in ``"text"`` mode these were selected
@@ -70,6 +71,8 @@ class MPLUGModel(BUSModel):
         if config.itc_on not in ("rest", "stem"):
             raise ValueError(f"BUSConfig.itc_on={config.itc_on!r} must be 'rest' or 'stem'")
         self.itc_from_stem = self.text_guided and config.itc_on == "stem"
+        if config.itc_batch not in ("online", "momentum"):
+            raise ValueError(f"BUSConfig.itc_batch={config.itc_batch!r} must be 'online' or 'momentum'")
         if self.text_guided and config.mass is not None and config.text_guided_from % max(1, len(config.tsps_layers)):
             raise ValueError("BUSConfig: guidance='text' with a CLS-guided TSPS layer in the stem (text_guided_from "
                              f"={config.text_guided_from}) needs mass=None (the stem's tokens are re-batched per pair)")
@@ -181,7 +184,7 @@ class MPLUGModel(BUSModel):
         scale = self.logit_scale.exp().clamp(max=100.0)
         losses = {}
         losses["itc"], sim_i2t = L.itc_distill_loss(img_feat, txt_feat, img_m, txt_m, self.queue, scale,
-                                                    cfg.distill_alpha)
+                                                    cfg.distill_alpha, batch=cfg.itc_batch)
 
         # Visual tokens per fusion row: (image, caption), (image, hard negative caption), (hard
         # negative image, caption).
@@ -223,7 +226,9 @@ class MPLUGModel(BUSModel):
         losses["ptm"] = L.ptm_loss(state.records, labels, zero, rows=B) if self.use_tsps and labels is not None else zero
 
         if self.training:
-            self.queue.enqueue(img_m, txt_m)
+            # Every rank enqueues the global batch's momentum features (ALBEF), so under DDP the queues
+            # stay identical and DDP's buffer broadcast from rank 0 overwrites nothing.
+            self.queue.enqueue(*L.gather_across_ranks(img_m, txt_m))
         losses["loss"] = (cfg.w_itc * losses["itc"] + cfg.w_itm * losses["itm"] + cfg.w_mlm * losses["mlm"]
                           + cfg.w_lm * losses["lm"] + cfg.w_ptm * losses["ptm"])
         return losses

@@ -12,14 +12,15 @@ from torch import Tensor, nn
 
 def bert_config(config, *, width: int, heads: int, layers: int, decoder: bool = False):
     """A ``transformers.BertConfig`` of ``width`` with ``heads`` heads and ``layers`` layers;
-    ``decoder``: causal self-attention plus cross-attention (``is_decoder``, ``add_cross_attention``)."""
+    ``decoder``: causal self-attention plus cross-attention (``is_decoder``, ``add_cross_attention``);
+    init std ``config.weight_init_std(width)`` (0.02 at width 768, see ``BUSConfig.init_std``)."""
     from transformers import BertConfig
 
     return BertConfig(
         vocab_size=config.vocab_size, hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
         intermediate_size=4 * width, max_position_embeddings=max(64, config.max_text_len),
         pad_token_id=config.pad_token_id, is_decoder=decoder, add_cross_attention=decoder,
-        attn_implementation="sdpa",
+        attn_implementation="sdpa", initializer_range=config.weight_init_std(width),
     )
 
 

@@ -54,6 +54,11 @@ class VisionTower(nn.Module):
             raise ValueError(f"VisionTower: {config.vit} needs a class token and global_pool='token'")
         self.embed_dim = vit.embed_dim
         self.num_heads = vit.blocks[0].attn.num_heads
+        std = config.weight_init_std(self.embed_dim)
+        if std != 0.02:  # timm's init is trunc_normal(0.02) on every Linear; the width-scaled std instead
+            for mod in vit.modules():
+                if isinstance(mod, nn.Linear):
+                    nn.init.trunc_normal_(mod.weight, std=std)
         self.use_tsps, self.use_pad = tsps, pad
         self.layers = tuple(sorted(set(int(i) for i in config.tsps_layers))) if tsps else ()
         if self.layers and (self.layers[0] < 0 or self.layers[-1] >= len(vit.blocks)):
