@@ -172,6 +172,31 @@ def test_bus_model_losses_reach_every_parameter(bus_model, mass, guidance):
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(4))
 
 
+@pytest.mark.parametrize("bus_model", [True, False])
+def test_captioning_loss_sees_no_future_token(bus_model):
+    """The LM logits at positions before m do not change when caption token m does (the fusion ran
+    causally over the bidirectional text encoder's output, whose token m - 1 already held token m)."""
+    pytest.importorskip("transformers")
+    from bus.model import BUSConfig, BUSModel
+
+    torch.manual_seed(0)
+    model = BUSModel(BUSConfig.tiny(vocab_size=40), bus=bus_model).eval()  # eval: no dropout
+    got = []
+    model.lm_head.register_forward_hook(lambda mod, inp, out: got.append(out.detach()))
+    ids = torch.randint(5, 40, (3, 9))
+    ids[:, 0] = 2
+    batch = dict(images=images(3), input_ids=ids, attention_mask=torch.ones(3, 9, dtype=torch.long))
+    m = 5
+    changed = ids.clone()
+    changed[:, m] = 5 + (ids[:, m] - 5 + 7) % 35  # another word at position m
+    with torch.no_grad():
+        model(batch)
+        model(dict(batch, input_ids=changed))
+    a, b = got
+    torch.testing.assert_close(a[:, :m], b[:, :m], rtol=0, atol=0)
+    assert not torch.equal(a[:, m:], b[:, m:])  # the change is seen from position m on
+
+
 def test_bus_config_rejects_unknown_guidance():
     pytest.importorskip("transformers")
     from bus.model import BUSConfig, BUSModel

@@ -4,8 +4,8 @@
 the kept tokens), a BERT text encoder (``transformers`` config, random init), and a fusion
 encoder (self-attention over the text, cross-attention to the image summary). Losses: ITC
 (image-text contrastive), ITM (matching, hard negatives from the ITC similarities), PTM
-(patch-text matching on each TSPS layer's relevance scores), LM (captioning, the fusion stack run
-causally).
+(patch-text matching on each TSPS layer's relevance scores), LM (captioning: the fusion stack run
+causally over the caption's token embeddings).
 ``BaselineModel`` is the same model without TSPS and PAD: the fusion encoder attends to every
 ViT token. Both are built from one :class:`BUSConfig`, so comparisons are like for like.
 
@@ -182,8 +182,11 @@ class BUSModel(nn.Module):
         else:
             losses["itm"] = torch.zeros((), device=images.device)
 
-        # LM (captioning): predict token t+1 from tokens <= t and the image.
-        dec = self.fusion(text, text_pad, mem, mem_pad, causal=True)
+        # LM (captioning): predict token t+1 from tokens <= t and the image. The fusion runs causally
+        # over the caption's token embeddings (word + position), not the text encoder's output: the
+        # encoder is bidirectional, so its token t already holds token t + 1 (a leak that made the
+        # loss trivial before 2026-12-03).
+        dec = self.fusion(self.text.embeddings(input_ids=ids), text_pad, mem, mem_pad, causal=True)
         logits = self.lm_head(dec[:, :-1]).float()
         tgt = ids[:, 1:].masked_fill(am[:, 1:] == 0, -100)
         losses["lm"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
