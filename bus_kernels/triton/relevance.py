@@ -99,7 +99,7 @@ def _relevance_fwd_kernel(
     F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # b * H + h
-    tile = tl.program_id(1)
+    tile = tl.program_id(1).to(tl.int64)  # int64 rows: with BLOCK_T = 1 they are scalars
     b = pid // H
     t0 = tile * BLOCK_T
     q_base, k_base = _bases(pid, H, stride_qb, stride_qh, stride_kb, stride_kh)
@@ -142,7 +142,7 @@ def _relevance_bwd_kernel(
     """r and dq of one query tile; dk too when the tile holds every query (WRITE_DK), else r is
     stored for ``_relevance_bwd_dk_kernel``. dq and dk are contiguous."""
     pid = tl.program_id(0).to(tl.int64)
-    t0 = tl.program_id(1) * BLOCK_T
+    t0 = tl.program_id(1).to(tl.int64) * BLOCK_T
     b = pid // H
     q_base, k_base = _bases(pid, H, stride_qb, stride_qh, stride_kb, stride_kh)
     q = _load_tile(q_ptr, q_base, stride_qt, t0, T, d, BLOCK_T, BLOCK_D, F32)
@@ -228,15 +228,21 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _config(T: int, d: int) -> dict:
+def _config(T: int, d: int, precision: str = "tf32") -> dict:
     """Tiles from the problem: d padded to a power of two (>= 16 for tl.dot); T tiled by at most
-    64 queries (32 at d = 256) so that registers and shared memory do not grow with T."""
+    64 queries (32 at d = 256) so that registers and shared memory do not grow with T; one query
+    is a GEMV (``BLOCK_T = 1``). Chosen with the compile check (no spills on sm_80 and sm_90,
+    triton 3.6 and 3.8): 8 warps for the largest tiles (the backward's dq and dk accumulators
+    spilled with 4 at d = 256); IEEE fp32 dots, on CUDA cores (FMA) with whole head-dim rows of
+    both operands in registers, 16 x 16 tiles (32 queries x 64 keys spilled from d = 64)."""
     block_d = max(16, triton.next_power_of_2(d))
     if T == 1:  # one query: no dots (see _logits' GEMV), 4096 elements of k a tile
         return dict(BLOCK_T=1, BLOCK_N=max(16, 4096 // block_d), BLOCK_D=block_d, num_warps=4)
+    if precision == "ieee":
+        return dict(BLOCK_T=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=4 if block_d <= 128 else 8)
     block_t = min(max(16, triton.next_power_of_2(T)), _MAX_BLOCK_T, max(16, _MAX_TILE_TD // block_d))
     block_n = 64 if block_t * block_d <= 64 * 64 else 32
-    return dict(BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
+    return dict(BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8 if block_t * block_d >= _MAX_TILE_TD else 4)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -278,7 +284,7 @@ def relevance_scores_forward(q, k, scale, q_mask):
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     if B * H == 0 or N == 0:
         return torch.zeros((B, N), dtype=torch.float32, device=q.device), lse.fill_(float("-inf"))
-    cfg = _config(T, d)
+    cfg = _config(T, d, _precision(q.dtype))
     tiles = triton.cdiv(T, cfg["BLOCK_T"])
     part = torch.empty((B, H * tiles, N), dtype=torch.float32, device=q.device)
     _relevance_fwd_kernel[(B * H, tiles)](
@@ -297,7 +303,7 @@ def relevance_scores_backward(grad, q, k, lse, scale, q_mask):
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if B * H == 0 or N == 0:
         return dq.zero_(), dk.zero_()
-    cfg = _config(T, d)
+    cfg = _config(T, d, _precision(q.dtype))
     tiles = triton.cdiv(T, cfg["BLOCK_T"])
     grad = grad.to(torch.float32).contiguous()
     w = _weights(q, q_mask)
@@ -322,7 +328,7 @@ def compile_cases():
     for dtype, name in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
         precision = _precision(dtype) if dtype == torch.float32 else "tf32"
         for T, d in ((1, 64), (32, 64), (16, 128), (64, 64), (256, 64), (32, 256), (256, 256)):
-            cfg = _config(T, d)
+            cfg = _config(T, d, precision)
             opts = {"num_warps": cfg.pop("num_warps")}
             consts = dict(cfg, F32=False, PRECISION=precision)
             fwd_sig = {"q_ptr": f"*{name}", "k_ptr": f"*{name}", "w_ptr": "*fp32", "part_ptr": "*fp32",
