@@ -236,8 +236,9 @@ def _config(T: int, d: int, precision: str = "tf32") -> dict:
     spilled with 4 at d = 256); IEEE fp32 dots, on CUDA cores (FMA) with whole head-dim rows of
     both operands in registers, 16 x 16 tiles (32 queries x 64 keys spilled from d = 64)."""
     block_d = max(16, triton.next_power_of_2(d))
-    if T == 1:  # one query: no dots (see _logits' GEMV), 4096 elements of k a tile
-        return dict(BLOCK_T=1, BLOCK_N=max(16, 4096 // block_d), BLOCK_D=block_d, num_warps=4)
+    if T == 1:  # one query: no dots (see _logits' GEMV); 8192 elements of k a tile, 4096 at d = 256
+        return dict(BLOCK_T=1, BLOCK_N=max(16, (8192 if block_d <= 128 else 4096) // block_d), BLOCK_D=block_d,
+                    num_warps=4)
     if precision == "ieee":
         return dict(BLOCK_T=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=4 if block_d <= 128 else 8)
     block_t = min(max(16, triton.next_power_of_2(T)), _MAX_BLOCK_T, max(16, _MAX_TILE_TD // block_d))
