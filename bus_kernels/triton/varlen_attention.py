@@ -474,7 +474,7 @@ def _bwd_config(dtype: torch.dtype, block_d: int, prec: str) -> tuple[dict, dict
     fp32 accumulators and its K/V tile: 32-query steps (64 spilled at d = 64 on sm_80 and under
     triton 3.6 on sm_90)."""
     if prec == "ieee":
-        dkdv = {32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (16, 16, 4, 1), 256: (16, 16, 8, 1)}[block_d]
+        dkdv = {32: (32, 32, 8, 2), 64: (32, 32, 8, 2), 128: (16, 16, 4, 1), 256: (16, 16, 8, 1)}[block_d]
         dq = {32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (16, 16, 4, 1), 256: (16, 16, 8, 2)}[block_d]
     elif dtype != torch.float32:
         dkdv = {32: (32, 64, 4, 3), 64: (32, 64, 4, 3), 128: (32, 64, 8, 2), 256: (32, 32, 8, 1)}[block_d]
