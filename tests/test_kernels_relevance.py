@@ -97,6 +97,29 @@ def test_triton_tiles_of_text_queries_stay_small():
             assert cfg["BLOCK_T"] <= 64 and cfg["BLOCK_T"] * cfg["BLOCK_D"] <= 64 * 128, (T, d, cfg)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_one_text_query_over_several_key_tiles(fused, dtype):
+    """T = 1 (a text [CLS]) over N = 300 keys at d = 64: on Triton a GEMV over three key tiles of
+    128 (the last one partial) whose forward keeps the first pass's logits in its output row and
+    reads them back; forward and backward against the reference, ties and large logits included."""
+    device = require_backend(fused, IMPLEMENTED)
+    if fused == "triton":
+        from bus_kernels.triton.relevance import _config
+
+        cfg = _config(1, 64)
+        assert cfg["BLOCK_T"] == 1 and 300 > 2 * cfg["BLOCK_N"], cfg
+    q, k, _ = _inputs(2, 3, 1, 300, 64, dtype, device, False, seed=5)
+    with torch.no_grad():
+        k[0, 0, 290:] = k[0, 0, 0]  # equal logits across tiles
+        q[1, 2] *= 6  # one sharp softmax
+    s = bk.relevance_scores(q, k, backend=fused)
+    s_ref = bk.relevance_scores(q, k, backend="torch")
+    torch.testing.assert_close(s, s_ref, **TOL[torch.float32 if dtype == torch.float32 else torch.float16])
+    g = torch.randn(2, 300, generator=torch.Generator().manual_seed(3)).to(device)
+    for got, want in zip(torch.autograd.grad(s, (q, k), g), torch.autograd.grad(s_ref, (q, k), g)):
+        torch.testing.assert_close(got, want, **TOL[dtype])
+
+
 @pytest.mark.parametrize("T", [1, 33, 130])
 @pytest.mark.parametrize("masked", [False, True])
 def test_many_text_tokens_match_reference(fused, T, masked):

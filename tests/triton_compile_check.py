@@ -164,7 +164,7 @@ def _run_select(case: Case) -> None:
 def _run_varlen(case: Case) -> None:
     """varlen_attention forward and backward on packed tokens as TSPS runs it: q, k, v views of one
     fused qkv output [total, 3, H, d], with the proportional key bias log(size) in q's dtype that
-    every packed block gets (TSPS has fused tokens by then)."""
+    every packed block gets (TSPS has fused tokens by then); then causal without a bias."""
     import torch
 
     import bus_kernels as bk
@@ -181,6 +181,11 @@ def _run_varlen(case: Case) -> None:
     q, k, v = qkv.unbind(1)
     bias = torch.rand(total, device=_DEVICE).add(1).log().to(dt)
     out = bk.varlen_attention(q, k, v, cu, max_seqlen, scale=d**-0.5, key_bias=bias, backend="triton")
+    out.backward(torch.ones_like(out))
+    # key_bias and causal are compile-time constants of the kernels: the other variant the library
+    # offers (causal, no bias: a text decoder's self-attention) is its own compilation.
+    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+    out = bk.varlen_attention(q, k, v, cu, max_seqlen, scale=d**-0.5, causal=True, backend="triton")
     out.backward(torch.ones_like(out))
 
 

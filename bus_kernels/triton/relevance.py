@@ -10,6 +10,9 @@ re-read from L2, so HBM sees k about once per T tile (once in total for T <= 64:
 caption). Each program writes its fp32 partial row ``[N]``; the launcher sums the H * T-tiles
 partials (deterministic, no atomics). Tiling T keeps registers and shared memory bounded: one
 ``next_pow2(T)`` tile spilled at T = 256 and needed 176 KB of shared memory at T = 512.
+One text query (T = 1, a text [CLS]) is a matrix-vector product: ``BLOCK_T = 1``, fp32 products and
+row sums instead of a dot padded to 16 queries (``GEMV``), and the forward keeps the first pass's
+logits (4 B a key, in the partial row it then overwrites) instead of reading k a second time.
 
 Backward, ``dlogit[t, n] = scale * c * m[t] * p[t, n] * (g[n] - r[t])`` with ``r[t] = sum_n g[n] p[t, n]``:
   ``_relevance_bwd_kernel``, grid ``(B*H, T tiles)``: a pass for ``r``, then a pass accumulating
@@ -57,11 +60,16 @@ def _load_tile(ptr, base, stride_r, r0, R, d, BLOCK_R: tl.constexpr, BLOCK_D: tl
 
 @triton.jit
 def _logits(q, k_ptr, k_base, stride_kn, n0, N, d, scale_log2, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-            F32: tl.constexpr, PRECISION: tl.constexpr):
-    """Base-2 logits [BLOCK_T, BLOCK_N] of one key tile (-inf past N), the tile and its rows."""
+            F32: tl.constexpr, PRECISION: tl.constexpr, GEMV: tl.constexpr):
+    """Base-2 logits [BLOCK_T, BLOCK_N] of one key tile (-inf past N), the tile and its rows.
+    GEMV (one text query, BLOCK_T = 1): fp32 products and a row sum instead of a dot padded to 16
+    queries (15/16 of it wasted work, and registers: fp32 FMA dots hold whole operand rows)."""
     k = _load_tile(k_ptr, k_base, stride_kn, n0, N, d, BLOCK_N, BLOCK_D, F32)
     n = n0 + tl.arange(0, BLOCK_N)
-    x = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    if GEMV:
+        x = tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1)[None, :] * scale_log2
+    else:
+        x = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
     x = tl.where((n < N)[None, :], x, float("-inf"))
     return x, k, n
 
@@ -91,7 +99,7 @@ def _relevance_fwd_kernel(
     F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # b * H + h
-    tile = tl.program_id(1)
+    tile = tl.program_id(1).to(tl.int64)  # int64 rows: with BLOCK_T = 1 they are scalars
     b = pid // H
     t0 = tile * BLOCK_T
     q_base, k_base = _bases(pid, H, stride_qb, stride_qh, stride_kb, stride_kh)
@@ -100,16 +108,26 @@ def _relevance_fwd_kernel(
     w = tl.load(w_ptr + b * T + t, mask=t < T, other=0.0)
     m = tl.full([BLOCK_T], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_T], tl.float32)
+    GEMV: tl.constexpr = BLOCK_T == 1
+    part_row = (pid * tl.num_programs(1) + tile) * N
     for n0 in range(0, N, BLOCK_N):
-        x, _, _ = _logits(q, k_ptr, k_base, stride_kn, n0, N, d, scale_log2, BLOCK_N, BLOCK_D, F32, PRECISION)
+        x, _, n = _logits(q, k_ptr, k_base, stride_kn, n0, N, d, scale_log2, BLOCK_N, BLOCK_D, F32, PRECISION, GEMV)
         m_new = tl.maximum(m, tl.max(x, axis=1))
         l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(x - m_new[:, None]), axis=1)
         m = m_new
+        if GEMV:  # keep the logits (4 B a key, in the row written below) rather than read k again
+            tl.store(part_ptr + part_row + n[None, :], x, mask=(n < N)[None, :])
     lse2 = m + tl.log2(l)
     tl.store(lse_ptr + pid * T + t, lse2 * 0.6931471805599453, mask=t < T)
-    part_row = (pid * tl.num_programs(1) + tile) * N
+    if GEMV:
+        tl.debug_barrier()  # the second pass reads logits other threads of this program wrote
     for n0 in range(0, N, BLOCK_N):
-        x, _, n = _logits(q, k_ptr, k_base, stride_kn, n0, N, d, scale_log2, BLOCK_N, BLOCK_D, F32, PRECISION)
+        if GEMV:
+            n = n0 + tl.arange(0, BLOCK_N)
+            x = tl.load(part_ptr + part_row + n[None, :], mask=(n < N)[None, :], other=float("-inf"))
+        else:
+            x, _, n = _logits(q, k_ptr, k_base, stride_kn, n0, N, d, scale_log2, BLOCK_N, BLOCK_D, F32, PRECISION,
+                              GEMV)
         p = tl.exp2(x - lse2[:, None])
         tl.store(part_ptr + part_row + n, tl.sum(p * w[:, None], axis=0), mask=n < N)
 
@@ -124,7 +142,7 @@ def _relevance_bwd_kernel(
     """r and dq of one query tile; dk too when the tile holds every query (WRITE_DK), else r is
     stored for ``_relevance_bwd_dk_kernel``. dq and dk are contiguous."""
     pid = tl.program_id(0).to(tl.int64)
-    t0 = tl.program_id(1) * BLOCK_T
+    t0 = tl.program_id(1).to(tl.int64) * BLOCK_T
     b = pid // H
     q_base, k_base = _bases(pid, H, stride_qb, stride_qh, stride_kb, stride_kh)
     q = _load_tile(q_ptr, q_base, stride_qt, t0, T, d, BLOCK_T, BLOCK_D, F32)
@@ -134,9 +152,10 @@ def _relevance_bwd_kernel(
     lse2 = tl.load(lse_ptr + pid * T + t, mask=t_valid, other=0.0) * 1.4426950408889634
     gs = tl.load(gs_ptr + b)
     inv_gs = 1.0 / gs  # a power of two: exact
+    GEMV: tl.constexpr = BLOCK_T == 1
     r = tl.zeros([BLOCK_T], tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        x, _, n = _logits(q, k_ptr, k_base, stride_kn, n0, N, d, scale_log2, BLOCK_N, BLOCK_D, F32, PRECISION)
+        x, _, n = _logits(q, k_ptr, k_base, stride_kn, n0, N, d, scale_log2, BLOCK_N, BLOCK_D, F32, PRECISION, GEMV)
         g = tl.load(g_ptr + b * N + n, mask=n < N, other=0.0)
         r += tl.sum(tl.exp2(x - lse2[:, None]) * g[None, :], axis=1)
     if not WRITE_DK:
@@ -145,13 +164,21 @@ def _relevance_bwd_kernel(
     dq = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
     dd = tl.arange(0, BLOCK_D)
     for n0 in range(0, N, BLOCK_N):
-        x, k, n = _logits(q, k_ptr, k_base, stride_kn, n0, N, d, scale_log2, BLOCK_N, BLOCK_D, F32, PRECISION)
+        x, k, n = _logits(q, k_ptr, k_base, stride_kn, n0, N, d, scale_log2, BLOCK_N, BLOCK_D, F32, PRECISION, GEMV)
         g = tl.load(g_ptr + b * N + n, mask=n < N, other=0.0)
         pg = tl.exp2(x - lse2[:, None]) * ((g[None, :] - r[:, None]) * inv_gs)
-        pg = _dot_operand(tl.where(active[:, None], pg, 0.0), q_ptr.dtype.element_ty, F32)
-        dq += tl.dot(pg, k, input_precision=PRECISION)
+        pg = tl.where(active[:, None], pg, 0.0)
+        if GEMV:  # fp32 products, no rounding of pg: [BLOCK_N] x [BLOCK_N, BLOCK_D]
+            pg_n = tl.sum(pg, axis=0)
+            dq += tl.sum(pg_n[:, None] * k.to(tl.float32), axis=0)[None, :]
+            if WRITE_DK:
+                dk = pg_n[:, None] * q.to(tl.float32) * coef
+        else:
+            pg = _dot_operand(pg, q_ptr.dtype.element_ty, F32)
+            dq += tl.dot(pg, k, input_precision=PRECISION)
+            if WRITE_DK:
+                dk = tl.dot(tl.trans(pg), q, input_precision=PRECISION) * coef
         if WRITE_DK:
-            dk = tl.dot(tl.trans(pg), q, input_precision=PRECISION) * coef
             tl.store(dk_ptr + pid * N * d + n[:, None] * d + dd[None, :], dk.to(dk_ptr.dtype.element_ty),
                      mask=(n[:, None] < N) & (dd[None, :] < d))
     dq = dq * coef
@@ -201,13 +228,22 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _config(T: int, d: int) -> dict:
+def _config(T: int, d: int, precision: str = "tf32") -> dict:
     """Tiles from the problem: d padded to a power of two (>= 16 for tl.dot); T tiled by at most
-    64 queries (32 at d = 256) so that registers and shared memory do not grow with T."""
+    64 queries (32 at d = 256) so that registers and shared memory do not grow with T; one query
+    is a GEMV (``BLOCK_T = 1``). Chosen with the compile check (no spills on sm_80 and sm_90,
+    triton 3.6 and 3.8): 8 warps for the largest tiles (the backward's dq and dk accumulators
+    spilled with 4 at d = 256); IEEE fp32 dots, on CUDA cores (FMA) with whole head-dim rows of
+    both operands in registers, 16 x 16 tiles (32 queries x 64 keys spilled from d = 64)."""
     block_d = max(16, triton.next_power_of_2(d))
+    if T == 1:  # one query: no dots (see _logits' GEMV); 8192 elements of k a tile, 4096 at d = 256
+        return dict(BLOCK_T=1, BLOCK_N=max(16, (8192 if block_d <= 128 else 4096) // block_d), BLOCK_D=block_d,
+                    num_warps=4)
+    if precision == "ieee":
+        return dict(BLOCK_T=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=4 if block_d <= 128 else 8)
     block_t = min(max(16, triton.next_power_of_2(T)), _MAX_BLOCK_T, max(16, _MAX_TILE_TD // block_d))
     block_n = 64 if block_t * block_d <= 64 * 64 else 32
-    return dict(BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
+    return dict(BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8 if block_t * block_d >= _MAX_TILE_TD else 4)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -249,7 +285,7 @@ def relevance_scores_forward(q, k, scale, q_mask):
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     if B * H == 0 or N == 0:
         return torch.zeros((B, N), dtype=torch.float32, device=q.device), lse.fill_(float("-inf"))
-    cfg = _config(T, d)
+    cfg = _config(T, d, _precision(q.dtype))
     tiles = triton.cdiv(T, cfg["BLOCK_T"])
     part = torch.empty((B, H * tiles, N), dtype=torch.float32, device=q.device)
     _relevance_fwd_kernel[(B * H, tiles)](
@@ -268,7 +304,7 @@ def relevance_scores_backward(grad, q, k, lse, scale, q_mask):
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if B * H == 0 or N == 0:
         return dq.zero_(), dk.zero_()
-    cfg = _config(T, d)
+    cfg = _config(T, d, _precision(q.dtype))
     tiles = triton.cdiv(T, cfg["BLOCK_T"])
     grad = grad.to(torch.float32).contiguous()
     w = _weights(q, q_mask)
@@ -293,7 +329,7 @@ def compile_cases():
     for dtype, name in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
         precision = _precision(dtype) if dtype == torch.float32 else "tf32"
         for T, d in ((1, 64), (32, 64), (16, 128), (64, 64), (256, 64), (32, 256), (256, 256)):
-            cfg = _config(T, d)
+            cfg = _config(T, d, precision)
             opts = {"num_warps": cfg.pop("num_warps")}
             consts = dict(cfg, F32=False, PRECISION=precision)
             fwd_sig = {"q_ptr": f"*{name}", "k_ptr": f"*{name}", "w_ptr": "*fp32", "part_ptr": "*fp32",
