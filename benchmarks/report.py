@@ -204,9 +204,24 @@ def main() -> None:
         pictures = plots(data, args.out.parent)
         if pictures:
             text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pictures) + "\n"
-        args.out.write_text(text + "\n")
+        args.out.write_text(merge_into(args.out.read_text() if args.out.exists() else None, text))
         print(headline(text))
         print(f"wrote {args.out}" + "".join(f", {p}" for p in pictures))
+
+
+BEGIN, END = "<!-- report:begin (written by benchmarks/report.py) -->", "<!-- report:end -->"
+
+
+def merge_into(existing: str | None, text: str) -> str:
+    """The file report.py writes: ``text`` between the BEGIN/END markers of ``existing``, whose
+    hand-written parts (the analysis around the tables) are kept; without markers (or without a
+    file) the whole file is the report, wrapped in markers for the next run."""
+    if existing is not None and BEGIN in existing and END in existing.split(BEGIN, 1)[1]:
+        head, rest = existing.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1]
+        body = text.split("\n", 1)[1] if text.startswith("# ") else text  # the file has its own title
+        return f"{head}{BEGIN}\n{body.strip()}\n{END}{tail}"
+    return f"{BEGIN}\n{text.strip()}\n{END}\n"
 
 
 def headline(text: str) -> str:

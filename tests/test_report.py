@@ -80,3 +80,20 @@ def test_merge_and_write(report, tmp_path, monkeypatch):
     text = out.read_text()
     assert "| cpu | 20.000 |" in text and "| cpu | 10.000 |" not in text  # the rerun's row replaces the first
     assert "| torch | 40.000 |" in text
+
+
+def test_write_keeps_the_hand_written_parts(report, tmp_path, monkeypatch):
+    """A RESULTS.md with markers keeps its analysis; only the marked tables are replaced."""
+    a = tmp_path / "a.json"
+    a.write_text(json.dumps(RUN))
+    out = tmp_path / "RESULTS.md"
+    out.write_text(f"# Results\n\nanalysis before\n\n{report.BEGIN}\nold tables\n{report.END}\n\nanalysis after\n")
+    monkeypatch.setattr("sys.argv", ["report.py", str(a), "--out", str(out)])
+    report.main()
+    text = out.read_text()
+    assert text.startswith("# Results\n\nanalysis before\n") and text.endswith("analysis after\n")
+    assert "old tables" not in text and "| torch | 40.000 |" in text
+    assert text.count("# Benchmark results") == 0  # the report's own title is dropped inside a file
+    monkeypatch.setattr("sys.argv", ["report.py", str(a), "--out", str(out)])
+    report.main()  # a second run replaces its own block again
+    assert out.read_text() == text
