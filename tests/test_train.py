@@ -266,3 +266,18 @@ def test_paper_stack_resume_is_bit_exact(tmp_path, model):
     differ = [n for n in wa if not torch.equal(wa[n], wb[n])]
     assert not differ, differ
     assert not torch.equal(mid["queue.image"], wa["queue.image"])  # the second half did move the queue
+
+
+def test_paper_stack_trains_with_every_loss_and_draws_relevance(tmp_path):
+    """`bus.train --preset paper_tiny` logs every loss of the paper's stack and writes the relevance
+    picture (the caption-guided selector's scores) at an evaluation."""
+    from PIL import Image
+
+    out = str(tmp_path / "paper")
+    main(PAPER_TINY + ["--out", out, "--steps", "2", "--batch-size", "4", "--train-samples", "8",
+                       "--val-samples", "4", "--eval-every", "2", "--ckpt-every", "0", "--viz-samples", "2"])
+    train = _records(out, "train")
+    assert len(train) == 2 and all(k in train[-1] for k in ("itc", "itm", "mlm", "lm", "ptm"))
+    assert train[-1]["ptm"] > 0  # BUS: the selector's relevance is supervised
+    with Image.open(os.path.join(out, "relevance_step2.png")) as im:
+        im.verify()
