@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from functools import partial
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
@@ -42,7 +41,7 @@ from torch import Tensor, nn
 import bus_kernels as bk
 
 from ._patching import StateHolder, check_text, reduce_as
-from .tsps import TSPS, mass_count, select_padded
+from .tsps import TSPS, keep_count, lengths_mask, mass_keep, select_padded
 
 _NORMS = ("layernorm_before", "layer_norm1", "norm1")
 _ATTNS = ("attention", "self_attn")
@@ -71,7 +70,7 @@ class HFPruneState:
 
     def valid(self, L: int) -> Tensor:
         """bool ``[B, L]``: True for the real rows of the padded (``mass=``) layout."""
-        return torch.arange(L, device=self.lengths.device)[None, :] < self.lengths[:, None]
+        return lengths_mask(self.lengths, L)
 
 
 class _Holder(StateHolder):
@@ -137,16 +136,16 @@ def _prune(layer: nn.Module, x_in: Tensor, out: Tensor, st: HFPruneState) -> Ten
     if layer._bus_mass is not None:
         sizes = st.sizes if st.sizes is not None else torch.ones(B, N, device=out.device)
         n_real = valid[:, P:].sum(dim=1) if valid is not None else torch.full((B,), n, device=out.device)
-        keep = mass_count(scores, layer._bus_mass, layer._bus_min_keep)
+        keep = mass_keep(scores, layer._bus_mass, layer._bus_min_keep)
         if layer._bus_max_keep is not None:
-            bound = TSPS._bound(layer._bus_max_keep, n)
+            bound = keep_count(layer._bus_max_keep, n)
         else:  # the batch's largest count: one device-to-host copy
             bound = max(1, int(torch.minimum(keep, n_real).max()))
         tokens, st.patch_ids, st.sizes, st.lengths = select_padded(
             out, scores, ids, sizes, keep, n_real, bound, num_prefix=P, fuse=layer._bus_fuse)
         return tokens
     keep = layer._bus_keep
-    count = keep if isinstance(keep, int) else max(1, math.ceil(round(keep * n, 6)))
+    count = keep_count(keep, n)
     if count >= n:  # nothing to drop: the layer's output as it was
         return out
     sel = bk.select_tokens(out, scores, count, num_prefix=P, fuse=layer._bus_fuse)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import math
 from typing import Iterable, Optional
 
 import torch
@@ -44,7 +43,7 @@ from torch import Tensor, nn
 import bus_kernels as bk
 
 from ._patching import StateHolder, check_text, reduce_as
-from .tsps import PruneState, TSPS, pruned_block_forward
+from .tsps import PruneState, TSPS, keep_count, pruned_block_forward
 
 
 class _Holder(StateHolder):
@@ -187,7 +186,7 @@ def _rope_block_step(block: nn.Module, x: Tensor, rope: Optional[Tensor], state:
         qg, q_mask = tsps._queries(attn, block.norm1, st, q_img, sizes)
     scores = bk.relevance_scores(qg, k[:, :, P:].contiguous(), scale=attn.scale, q_mask=q_mask)
     tsps._record(out[:, P:], scores, ids[:, P:], st)
-    count = tsps.keep if isinstance(tsps.keep, int) else max(1, math.ceil(round(tsps.keep * n, 6)))
+    count = keep_count(tsps.keep, n)
     if count >= n:  # nothing to drop: the block is left exactly as it was
         return out, st
     sel = bk.select_tokens(out, scores, count, num_prefix=P, fuse=tsps.fuse)

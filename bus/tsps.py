@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bus_kernels as bk
-from bus_kernels.reference import mass_keep as _mass_keep
+# The per-sample count select_tokens_varlen(mass=...) keeps, computed on the device (int64 [B]):
+# the public op returns it only with the packed selection, whose size needs it on the host.
+from bus_kernels.reference import mass_keep
 
 
 @dataclass
@@ -72,8 +74,12 @@ class PruneState:
 
     def valid(self) -> Tensor:
         """bool ``[B, L]`` of the bounded layout: True for real rows (``arange(L) < lengths``)."""
-        L = self.sizes.shape[1]
-        return torch.arange(L, device=self.lengths.device)[None, :] < self.lengths[:, None]
+        return lengths_mask(self.lengths, self.sizes.shape[1])
+
+
+def lengths_mask(lengths: Tensor, L: int) -> Tensor:
+    """bool ``[B, L]``: True for the first ``lengths[b]`` rows of each sample (int ``[B]``)."""
+    return torch.arange(L, device=lengths.device)[None, :] < lengths[:, None]
 
 
 def _pad_packed(t: Tensor, state: PruneState) -> Tensor:
@@ -83,8 +89,7 @@ def _pad_packed(t: Tensor, state: PruneState) -> Tensor:
 
 def _valid_mask(state: PruneState) -> Tensor:
     """bool [B, max_seqlen]: True for real (non-padding) rows of the padded layout."""
-    lengths = (state.cu_seqlens[1:] - state.cu_seqlens[:-1]).long()
-    return torch.arange(state.max_seqlen, device=lengths.device)[None, :] < lengths[:, None]
+    return lengths_mask((state.cu_seqlens[1:] - state.cu_seqlens[:-1]).long(), state.max_seqlen)
 
 
 class TSPS(nn.Module):
@@ -194,16 +199,16 @@ class TSPS(nn.Module):
         scores = bk.relevance_scores(qg, k[:, :, P:], scale=attn.scale, q_mask=q_mask)
         self._record(x[:, P:], scores, ids[:, P:], state)
         if self.mass is None:
-            count = self.keep if isinstance(self.keep, int) else max(1, math.ceil(round(self.keep * n, 6)))
+            count = keep_count(self.keep, n)
             if count >= n:  # nothing to drop: the block is left exactly as it was
                 return x
             sel = bk.select_tokens(x, scores, count, num_prefix=P, fuse=self.fuse)
             state.patch_ids, state.sizes = self._carry(ids, sizes, sel.indices, P)
             return sel.tokens
         if self.max_keep is not None:
-            keep = self._mass_count(scores)
+            keep = mass_keep(scores, self.mass, self.min_keep)
             n_real = torch.full_like(keep, n)
-            return self._select_padded(x, scores, ids, sizes, keep, n_real, self._bound(self.max_keep, n), state)
+            return self._select_padded(x, scores, ids, sizes, keep, n_real, keep_count(self.max_keep, n), state)
         sel = bk.select_tokens_varlen(x, scores, mass=self.mass, min_keep=self.min_keep, num_prefix=P, fuse=self.fuse)
         self._to_packed(ids, sizes, sel, state)
         return sel.tokens
@@ -221,27 +226,21 @@ class TSPS(nn.Module):
         self._record(x_pad[:, P:], scores, ids[:, P:], state)
         if self.mass is None:
             n_real = valid[:, P:].sum(dim=1)
-            if isinstance(self.keep, float):  # same rounding as bus_kernels' ratio keep
-                keep = torch.ceil(torch.round(n_real * self.keep, decimals=6)).long().clamp(min=1)
-            else:
-                keep = torch.full_like(n_real, self.keep)
+            keep = self._per_sample_keep(n_real)
             sel = bk.select_tokens_varlen(x_pad, scores, keep=torch.minimum(keep, n_real), num_prefix=P, fuse=self.fuse)
         else:
             sel = bk.select_tokens_varlen(x_pad, scores, mass=self.mass, min_keep=self.min_keep, num_prefix=P, fuse=self.fuse)
         self._to_packed(ids, sizes, sel, state)
         return sel.tokens
 
+    def _per_sample_keep(self, n_real: Tensor) -> Tensor:
+        """int64 ``[B]``: a fixed ``keep`` applied to each sample's ``n_real`` rankable tokens (a
+        ratio rounded as :func:`keep_count` rounds it; not clamped to ``n_real``)."""
+        if isinstance(self.keep, float):
+            return torch.ceil(torch.round(n_real * self.keep, decimals=6)).long().clamp(min=1)
+        return torch.full_like(n_real, self.keep)
+
     # ------------------------------------------------------------------ bounded (padded) layout
-    @staticmethod
-    def _bound(spec, n: int) -> int:
-        """A count or ratio of ``n`` slots as a count in [1, n] (a Python int: a static shape)."""
-        if isinstance(spec, int):
-            return max(1, min(spec, n))
-        return min(n, max(1, math.ceil(round(spec * n, 6))))
-
-    def _mass_count(self, scores: Tensor) -> Tensor:
-        return mass_count(scores, self.mass, self.min_keep)
-
     def _forward_padded(self, x, q, k, attn, norm1, state):
         """A later TSPS layer on the bounded layout ``[B, L, D]`` (rows ``>= lengths[b]`` padding)."""
         P = state.num_prefix
@@ -254,14 +253,11 @@ class TSPS(nn.Module):
         self._record(x[:, P:].masked_fill(~valid[:, P:, None], 0.0), scores, ids[:, P:], state)
         n_real = valid[:, P:].sum(dim=1)
         if self.mass is None:  # a fixed keep on this layout: per-sample counts as in packed mode
-            if isinstance(self.keep, float):
-                keep = torch.ceil(torch.round(n_real * self.keep, decimals=6)).long().clamp(min=1)
-            else:
-                keep = torch.full_like(n_real, self.keep)
-            bound = self._bound(self.keep, n)
+            keep = self._per_sample_keep(n_real)
+            bound = keep_count(self.keep, n)
         else:
-            keep = self._mass_count(scores)
-            bound = self._bound(self.max_keep, n) if self.max_keep is not None else n
+            keep = mass_keep(scores, self.mass, self.min_keep)
+            bound = keep_count(self.max_keep, n) if self.max_keep is not None else n
         return self._select_padded(x, scores, ids, sizes, keep, n_real, bound, state)
 
     def _select_padded(self, x: Tensor, scores: Tensor, ids: Tensor, sizes: Tensor, keep: Tensor,
@@ -320,14 +316,13 @@ class TSPS(nn.Module):
         state.sizes = bk.pack(out_sizes, lengths, **sizes_kw).packed
 
 
-def mass_count(scores: Tensor, mass: float, min_keep: int) -> Tensor:
-    """int64 ``[B]``: the count ``select_tokens_varlen(mass=...)`` keeps, without its host sync.
-
-    ``scores``: ``[B, n]`` float, >= 0. The reference's rule (``bus_kernels.reference.mass_keep``):
-    shares from a float64 running sum in rank order, the smallest top set reaching ``mass``, at
-    least ``min_keep``, at most ``n`` (the public API returns the count only with the packed
-    selection, whose size needs the count on the host)."""
-    return _mass_keep(scores, mass, min_keep)
+def keep_count(spec, n: int) -> int:
+    """A keep spec as a count in [1, n] (a Python int: a static shape): an int is clamped, a ratio
+    in (0, 1] becomes ``ceil(ratio * n)`` rounded to 6 decimals first (``bus_kernels``' rule for a
+    ratio keep: float noise must not add a token)."""
+    if isinstance(spec, int):
+        return max(1, min(spec, n))
+    return min(n, max(1, math.ceil(round(spec * n, 6))))
 
 
 def select_padded(x: Tensor, scores: Tensor, ids: Tensor, sizes: Tensor, keep: Tensor, n_real: Tensor,
