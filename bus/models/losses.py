@@ -149,8 +149,11 @@ def itc_distill_loss(img: Tensor, txt: Tensor, img_m: Tensor, txt_m: Tensor, que
     with torch.no_grad():
         onehot = torch.zeros(B, img_all.shape[0], device=img.device)
         onehot[:, :B] = torch.eye(B, device=img.device)
-        img_all_m = torch.cat([img_m, q_img.to(img_m.dtype)])
-        txt_all_m = torch.cat([txt_m, q_txt.to(txt_m.dtype)])
+        if batch == "momentum":  # the candidates are the momentum features already
+            img_all_m, txt_all_m = img_all, txt_all
+        else:
+            img_all_m = torch.cat([img_m, q_img.to(img_m.dtype)])
+            txt_all_m = torch.cat([txt_m, q_txt.to(txt_m.dtype)])
         t_i2t = alpha * (scale * img_m @ txt_all_m.t() + bias).softmax(dim=1) + (1 - alpha) * onehot
         t_t2i = alpha * (scale * txt_m @ img_all_m.t() + bias).softmax(dim=1) + (1 - alpha) * onehot
     sim_i2t = scale * img @ txt_all.t() + bias
