@@ -1,0 +1,84 @@
+// C entry points of the emulated CUDA launchers (launchers.h), for ctypes: flat arguments, the
+// launcher's cudaError_t as the result, emu_message() for why a launch failed. Device pointers
+// are host pointers here (CPU tensors' data).
+#include <cuda_runtime.h>
+
+#include "launchers.h"
+
+using namespace bus_kernels;
+
+namespace {
+SelectShape select_shape(int64_t B, int64_t N, int64_t D, int64_t P, int64_t k, const int64_t* keep,
+                         const int32_t* cu, int64_t out_rows, int64_t num_kept, int fuse, int x_dtype, int s_dtype) {
+  SelectShape s{};
+  s.B = B;
+  s.N = N;
+  s.D = D;
+  s.num_prefix = P;
+  s.k = k;
+  s.keep = keep;
+  s.cu_seqlens = cu;
+  s.out_rows = out_rows;
+  s.num_kept = num_kept;
+  s.has_fuse = fuse != 0;
+  s.fuse_mean = fuse == 2;
+  s.x_dtype = static_cast<DType>(x_dtype);
+  s.scores_dtype = static_cast<DType>(s_dtype);
+  return s;
+}
+RelevanceShape relevance_shape(int64_t B, int64_t H, int64_t T, int64_t N, int64_t d, float scale, int dtype) {
+  RelevanceShape s{};
+  s.B = B;
+  s.H = H;
+  s.T = T;
+  s.N = N;
+  s.d = d;
+  s.scale = scale;
+  s.dtype = static_cast<DType>(dtype);
+  return s;
+}
+int done(cudaError_t e) {
+  if (e == cudaSuccess) ::emu::state().message.clear();
+  return static_cast<int>(e);
+}
+}  // namespace
+
+extern "C" {
+const char* emu_message() { return ::emu::state().message.c_str(); }
+int64_t emu_launches() { return ::emu::stats().launches; }
+
+int emu_select_forward(int64_t B, int64_t N, int64_t D, int64_t P, int64_t k, const int64_t* keep, const int32_t* cu,
+                       int64_t out_rows, int64_t num_kept, int fuse, int x_dtype, int s_dtype, const void* x,
+                       const void* scores, void* tokens, int64_t* indices, int score_order, int32_t* slot, float* coef,
+                       float* dot, float* dropped_sum, int64_t* kept_tmp) {
+  const SelectShape s = select_shape(B, N, D, P, k, keep, cu, out_rows, num_kept, fuse, x_dtype, s_dtype);
+  const SelectScratch w{slot, coef, dot, dropped_sum, kept_tmp};
+  return done(launch_select_forward(s, x, scores, tokens, indices, score_order != 0, w, nullptr));
+}
+
+int emu_select_backward(int64_t B, int64_t N, int64_t D, int64_t P, int64_t k, const int64_t* keep, const int32_t* cu,
+                        int64_t out_rows, int64_t num_kept, int fuse, int x_dtype, int s_dtype, const void* grad,
+                        const void* x, const void* scores, const int64_t* indices, void* grad_x, void* grad_scores,
+                        int32_t* slot, float* coef, float* dot, float* dropped_sum) {
+  const SelectShape s = select_shape(B, N, D, P, k, keep, cu, out_rows, num_kept, fuse, x_dtype, s_dtype);
+  const SelectScratch w{slot, coef, dot, dropped_sum, nullptr};
+  return done(launch_select_backward(s, grad, x, scores, indices, grad_x, grad_scores, w, nullptr));
+}
+
+int emu_relevance_forward(int64_t B, int64_t H, int64_t T, int64_t N, int64_t d, float scale, int dtype, const void* q,
+                          const void* k, const float* w, float* scores, float* lse) {
+  return done(launch_relevance_forward(relevance_shape(B, H, T, N, d, scale, dtype), q, k, w, scores, lse, nullptr));
+}
+
+int emu_relevance_backward(int64_t B, int64_t H, int64_t T, int64_t N, int64_t d, float scale, int dtype,
+                           const void* q, const void* k, const float* w, const float* lse, const float* grad,
+                           float* row, void* dq, void* dk) {
+  return done(launch_relevance_backward(relevance_shape(B, H, T, N, d, scale, dtype), q, k, w, lse, grad, row, dq, dk,
+                                        nullptr));
+}
+
+int emu_copy_rows(const void* src, void* dst, const int32_t* cu, int64_t B, int64_t L, int64_t row_bytes,
+                  int64_t total, int to_packed) {
+  return done(launch_copy_rows(src, dst, cu, B, L, row_bytes, total, to_packed != 0, nullptr));
+}
+}

@@ -1,0 +1,42 @@
+// cub::BlockScan for the emulator: the sums cub computes (ExclusiveSum / InclusiveSum, with the
+// block aggregate), through a staged array and two barriers, as every thread must reach them.
+#pragma once
+#include "../../../emu.h"
+
+namespace cub {
+template <typename T, int BLOCK_THREADS>
+class BlockScan {
+ public:
+  struct TempStorage {
+    T v[BLOCK_THREADS];
+  };
+  explicit BlockScan(TempStorage& t) : t_(t) {}
+  void ExclusiveSum(T in, T& out) {
+    T agg;
+    ExclusiveSum(in, out, agg);
+  }
+  void ExclusiveSum(T in, T& out, T& aggregate) {
+    const int tid = static_cast<int>(threadIdx.x);
+    t_.v[tid] = in;
+    __syncthreads();
+    T acc{};
+    for (int i = 0; i < tid; ++i) acc = acc + t_.v[i];
+    T all = acc;
+    for (int i = tid; i < BLOCK_THREADS; ++i) all = all + t_.v[i];
+    __syncthreads();
+    out = acc;
+    aggregate = all;
+  }
+  void InclusiveSum(T in, T& out) {
+    T agg;
+    InclusiveSum(in, out, agg);
+  }
+  void InclusiveSum(T in, T& out, T& aggregate) {
+    ExclusiveSum(in, out, aggregate);
+    out = out + in;
+  }
+
+ private:
+  TempStorage& t_;
+};
+}  // namespace cub
