@@ -130,6 +130,27 @@ def test_select_tokens_matches_reference(emu, gen, shape, fuse, order):
         torch.testing.assert_close(gs.float(), rgs.float(), **tol, msg=lambda m: f"grad_scores: {m}")
 
 
+@pytest.mark.parametrize("N,P,k", [(2049, 0, 1000), (3000, 1, 700), (2048, 0, 2048)])
+@pytest.mark.parametrize("fuse", ["sum", "mean"])
+def test_select_long_rows_and_rows_split_over_the_grid(emu, gen, N, P, k, fuse):
+    """Rows over 2048 scores re-read them from memory (shorter ones keep them in registers); a
+    batch of one row spreads its tokens over grid.z and adds the fused partial sums in a third
+    launch."""
+    x = torch.randn(1, N, 16, generator=gen)
+    s = _scores(gen, 1, N - P, "ties", torch.float32)
+    before = emu.lib().emu_launches()
+    tok, idx = emu.select_tokens(x, s, k, P, fuse, "index")
+    assert emu.lib().emu_launches() - before == 3  # rank, gather split over grid.z, fused-row reduce
+    rtok, ridx = ref.select_tokens(x, s, k, P, fuse, "index")
+    assert torch.equal(idx, ridx)
+    torch.testing.assert_close(tok, rtok, atol=1e-4, rtol=1e-4)  # sums of ~2000 rows, another order
+    g = torch.randn(rtok.shape, generator=gen)
+    gx, gs = emu.select_tokens_backward(g, x, s, idx, P, fuse)
+    rgx, rgs = ref.select_tokens_backward(g, x, s, idx, P, fuse)
+    _close(gx, rgx, torch.float32, "grad_x")
+    torch.testing.assert_close(gs, rgs, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("misalign", [1, 2])
 def test_select_misaligned_outputs_take_the_scalar_path(emu, gen, misalign):
     x = torch.randn(2, 50, 32, generator=gen)

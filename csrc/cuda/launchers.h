@@ -33,14 +33,20 @@ struct SelectShape {
 };
 
 // Scratch of the select kernels (the wrapper allocates it): slot int32 [B, n], coef fp32 [B, n],
-// dot fp32 [B, n] (backward), dropped_sum fp32 [B], kept_tmp int64 [B, k] (order="score").
+// dot fp32 [B, n] (backward), dropped_sum fp32 [B], kept_tmp int64 [B, k] (order="score"),
+// fuse_partial fp32 [select_gather_partial_floats(shape)] (forward with a fused token; nullptr
+// when that is 0: the gather then keeps each row in one block).
 struct SelectScratch {
   int32_t* slot;
   float* coef;
   float* dot;
   float* dropped_sum;
   int64_t* kept_tmp;
+  float* fuse_partial;
 };
+
+// fp32 elements of SelectScratch::fuse_partial that launch_select_forward needs for `s` (0: none).
+int64_t select_gather_partial_floats(const SelectShape& s);
 
 // tokens [out_rows, D] (x dtype) and indices int64 [num_kept]. score_order: kept tokens (and
 // indices) by descending score instead of by index (select_tokens only).

@@ -1,28 +1,37 @@
 // select_tokens / select_tokens_varlen on CUDA, forward and backward. Free of torch headers (the
 // ATen wrappers are in select_cuda.cpp); launchers are declared in launchers.h.
 //
-// Forward (2 launches, 3 for order="score"):
+// Forward (2 launches; +1 for order="score", +1 when a fused row is split over the grid):
 //   1. select_rank_kernel, grid (B): one block ranks row b. Scores are read as fp32 and mapped
 //      to order-preserving uint32 keys (-0.0 first becomes +0.0, so the two tie). A 4-pass radix
 //      select (8 bits a pass, shared-memory histogram with integer atomics) finds T, the key of
-//      the kb-th largest score, and need = kb - #{key > T}. One pass in index order then keeps
-//      every key > T and the first `need` keys == T (lower index first): a block-wide exclusive
-//      scan of the packed pair (#greater, #equal) gives each column its slot among the kept
-//      columns, gt_before + min(eq_before, need). It writes slot[b, j] (kept: output slot in
-//      index order; dropped: -1), coef[b, j] (the score of a dropped column, 0 for a kept one),
-//      dropped_sum[b] (the sum of the dropped scores, a fixed-order block reduction) and the
-//      kept positions in index order. No limit on the row length: the scores are re-read from
-//      global memory (L1/L2) in each of the 5 passes; nothing of size n lives in shared memory.
+//      the kb-th largest score, and need = kb - #{key > T}: in each pass thread i holds the count
+//      of digit 255 - i and one block-wide inclusive scan gives every digit its count from the
+//      top, so the thread whose range holds rank `rem` names the digit (no thread walks the 256
+//      bins). One pass in index order then keeps every key > T and the first `need` keys == T
+//      (lower index first): a block-wide exclusive scan of the packed pair (#greater, #equal)
+//      gives each column its slot among the kept columns, gt_before + min(eq_before, need). It
+//      writes slot[b, j] (kept: output slot in index order; dropped: -1), coef[b, j] (the score
+//      of a dropped column, 0 for a kept one), dropped_sum[b] (the sum of the dropped scores, a
+//      fixed-order block reduction) and the kept positions in index order. Rows of up to
+//      kKeysPerThread * 256 scores hold them in registers (read once); longer rows re-read them
+//      from global memory (L1/L2) in each of the 5 passes: no limit on the row length, nothing
+//      of size n in shared memory.
 //   2. select_score_order_kernel (order="score" only), grid (B, k/256): the rank of kept column
 //      c among the kept ones by (score desc, index asc) is the number of kept columns before it
 //      in that total order; each thread counts them over shared-memory tiles (O(k^2) compares per
 //      row, spread over k/256 blocks), then writes indices[b, rank] and slot[b, c] = rank.
-//   3. select_gather_kernel, grid (B, D tiles): streams row b's tokens once: prefix tokens and
-//      kept tokens are copied to their output rows (16-byte vectors when D * elem_size and the
-//      pointers allow, else element by element), dropped tokens are accumulated in fp32
-//      registers weighted by coef; the per-thread partials are summed in a fixed order through
-//      shared memory and written as the fused row (divided by dropped_sum for "mean", zero when
-//      that is 0).
+//   3. select_gather_kernel, grid (B, D tiles, row splits): streams row b's tokens once. A block
+//      stages the destinations and coefficients of 256 token rows in shared memory, then each
+//      thread issues the loads of kGatherUnroll rows before using them (several 16-byte loads in
+//      flight): prefix and kept tokens are copied to their output rows (16-byte vectors when
+//      D * elem_size and the pointers allow, else element by element), dropped tokens are
+//      accumulated in fp32 registers weighted by coef. The per-thread partials are summed in a
+//      fixed order through shared memory (laid out so that neighbouring threads hit neighbouring
+//      banks) and written as the fused row (divided by dropped_sum for "mean", zero when that is
+//      0). When B * D tiles would leave the GPU idle, the token rows are split over grid.z and
+//      each split writes its partial sum to scratch; select_fuse_reduce_kernel then adds the
+//      splits in a fixed order: deterministic, no atomics.
 // Backward (3 launches):
 //   1. select_bwd_prep_kernel, grid (B): slot[b, j] from `indices` (kept: its output slot, else
 //      -1), S = the dropped-score sum, coef[b, j] = s_j ("sum") or s_j / S ("mean", 0 if S == 0)
@@ -48,9 +57,15 @@ namespace {
 
 using dev::Pack;
 
-constexpr int kRankThreads = 256;
+constexpr int kRankThreads = 256;  // also the 256 digits of a radix pass: one per thread
+constexpr int kKeysPerThread = 8;  // rows of up to 2048 rankable scores keep them in registers
 constexpr int kOrderThreads = 256;
 constexpr int kGatherThreads = 256;
+constexpr int kStageRows = 256;   // token rows whose destination a gather block stages at a time
+constexpr int kGatherUnroll = 4;  // rows whose loads a gather thread issues before using them
+constexpr int kFuseThreads = 256;
+// Blocks the gather aims at (about two per SM of an H100/H200) before it splits rows over grid.z.
+constexpr int64_t kGatherTargetBlocks = 264;
 constexpr int kBwdWarps = 8;
 constexpr int kBwdThreads = 32 * kBwdWarps;
 constexpr int64_t kMaxGridY = 65535;
@@ -95,11 +110,29 @@ __device__ __forceinline__ RowLayout row_layout(const SelectShape& s, int64_t b,
 
 // ---------------------------------------------------------------------------------- forward
 
+// Row b of the scratch and scores, as the rank-side kernels (one block per row) see it.
+template <typename S>
+struct RankRow {
+  int64_t n;
+  const typename S::raw* scores;
+  int32_t* slot;
+  float* coef;
+  RowLayout r;
+};
+
+template <typename S>
+__device__ __forceinline__ RankRow<S> rank_row(const SelectShape& s, const typename S::raw* scores, int32_t* slot,
+                                               float* coef) {
+  const int64_t b = blockIdx.x, n = s.N - s.num_prefix;
+  return RankRow<S>{n, scores + b * n, slot + b * n, coef + b * n, row_layout(s, b, n)};
+}
+
 template <typename S>
 __global__ void __launch_bounds__(kRankThreads)
     select_rank_kernel(SelectShape s, const typename S::raw* __restrict__ scores, int32_t* __restrict__ slot,
                        float* __restrict__ coef, float* __restrict__ dropped_sum,
                        int64_t* __restrict__ kept_out) {
+  static_assert(kRankThreads == 256, "one radix digit per thread");
   using Scan = cub::BlockScan<unsigned long long, kRankThreads>;
   __shared__ typename Scan::TempStorage scan_tmp;
   __shared__ int hist[256];
@@ -109,18 +142,25 @@ __global__ void __launch_bounds__(kRankThreads)
 
   const int tid = threadIdx.x;
   const int64_t b = blockIdx.x;
-  const int64_t n = s.N - s.num_prefix;
-  const typename S::raw* srow = scores + b * n;
-  int32_t* slot_row = slot + b * n;
-  float* coef_row = coef + b * n;
-  const RowLayout r = row_layout(s, b, n);
+  const RankRow<S> row = rank_row<S>(s, scores, slot, coef);
+  const int64_t n = row.n;
+  const RowLayout r = row.r;
   if (!r.ok) {  // uniform over the block; unreachable through the validated wrappers
     for (int64_t j = tid; j < n; j += kRankThreads) {
-      slot_row[j] = -1;
-      coef_row[j] = 0.0f;
+      row.slot[j] = -1;
+      row.coef[j] = 0.0f;
     }
     if (tid == 0) dropped_sum[b] = 0.0f;
     return;
+  }
+
+  // Scores of columns tid + 256 i, read once when the whole row fits (uniform over the block).
+  const bool cached = n <= int64_t(kKeysPerThread) * kRankThreads;
+  float sv[kKeysPerThread];
+#pragma unroll
+  for (int i = 0; i < kKeysPerThread; ++i) {
+    const int64_t j = tid + int64_t(i) * kRankThreads;
+    sv[i] = (cached && j < n) ? S::to(row.scores[j]) : 0.0f;
   }
 
   // Radix select of T, the kb-th largest key, 8 bits at a time from the top. `rem` is the rank
@@ -133,30 +173,41 @@ __global__ void __launch_bounds__(kRankThreads)
     uint32_t mask = 0u;
     rem = r.kb;
     for (int shift = 24; shift >= 0; shift -= 8) {
-      for (int i = tid; i < 256; i += kRankThreads) hist[i] = 0;
+      hist[tid] = 0;
       __syncthreads();
-      for (int64_t j = tid; j < n; j += kRankThreads) {
-        const uint32_t key = order_key(S::to(srow[j]));
-        if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xffu], 1);
+      if (cached) {
+#pragma unroll
+        for (int i = 0; i < kKeysPerThread; ++i) {
+          const uint32_t key = order_key(sv[i]);
+          if (tid + int64_t(i) * kRankThreads < n && (key & mask) == prefix) {
+            atomicAdd(&hist[(key >> shift) & 0xffu], 1);
+          }
+        }
+      } else {
+        for (int64_t j = tid; j < n; j += kRankThreads) {
+          const uint32_t key = order_key(S::to(row.scores[j]));
+          if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xffu], 1);
+        }
       }
       __syncthreads();
-      if (tid == 0) {
-        // Highest digit whose cumulative count from the top reaches rem (rem <= the candidates).
-        int64_t above = 0;
-        int d = 255;
-        for (; d > 0; --d) {
-          if (above + hist[d] >= rem) break;
-          above += hist[d];
-        }
-        sh_digit = static_cast<uint32_t>(d);
-        sh_rem = rem - above;
+      // Thread tid holds digit 255 - tid; the inclusive scan is the count at digits >= it. The
+      // digit of rank rem is the one whose range (incl - cnt, incl] holds rem (rem <= the
+      // candidates, so exactly one thread matches).
+      const int digit = 255 - tid;
+      const unsigned long long cnt = static_cast<unsigned long long>(hist[digit]);
+      unsigned long long incl;
+      Scan(scan_tmp).InclusiveSum(cnt, incl);
+      const int64_t hi = static_cast<int64_t>(incl), lo = hi - static_cast<int64_t>(cnt);
+      if (lo < rem && rem <= hi) {
+        sh_digit = static_cast<uint32_t>(digit);
+        sh_rem = rem - lo;
       }
       __syncthreads();
       prefix |= sh_digit << shift;
       mask |= 0xffu << shift;
       rem = sh_rem;
-      // The next pass clears hist only after its own barrier, which thread 0 passes after
-      // every thread has read sh_digit / sh_rem here, so no extra barrier is needed.
+      // Every thread has read hist (before the scan's barriers) and sh_digit / sh_rem (before
+      // the next pass's first barrier), so the next pass may clear and rewrite them.
     }
   }
   const uint32_t T = prefix;
@@ -167,10 +218,8 @@ __global__ void __launch_bounds__(kRankThreads)
   // neither half overflows).
   unsigned long long carry = 0ull;
   float dsum = 0.0f;
-  for (int64_t j0 = 0; j0 < n; j0 += kRankThreads) {
-    const int64_t j = j0 + tid;
+  auto chunk = [&](int64_t j, float sc) {  // every thread of the block, once per chunk
     const bool valid = j < n;
-    const float sc = valid ? S::to(srow[j]) : 0.0f;
     const uint32_t key = order_key(sc);
     const bool gt = valid && key > T;
     const bool eq = valid && key == T;
@@ -185,16 +234,27 @@ __global__ void __launch_bounds__(kRankThreads)
     if (valid) {
       const int64_t pos = gt_before + (eq_before < need ? eq_before : need);  // kept columns before j
       if (kept && pos < r.kb) {
-        slot_row[j] = static_cast<int32_t>(pos);
-        coef_row[j] = 0.0f;
+        row.slot[j] = static_cast<int32_t>(pos);
+        row.coef[j] = 0.0f;
         kept_out[r.idx_base + pos] = s.num_prefix + j;
       } else {
-        slot_row[j] = -1;
-        coef_row[j] = sc;
+        row.slot[j] = -1;
+        row.coef[j] = sc;
         dsum += sc;
       }
     }
     __syncthreads();  // scan_tmp is reused by the next chunk
+  };
+  if (cached) {
+#pragma unroll
+    for (int i = 0; i < kKeysPerThread; ++i) {
+      if (int64_t(i) * kRankThreads < n) chunk(tid + int64_t(i) * kRankThreads, sv[i]);
+    }
+  } else {
+    for (int64_t j0 = 0; j0 < n; j0 += kRankThreads) {
+      const int64_t j = j0 + tid;
+      chunk(j, j < n ? S::to(row.scores[j]) : 0.0f);
+    }
   }
   const float total = dev::block_sum<kRankThreads>(dsum, red);
   if (tid == 0) dropped_sum[b] = total;
@@ -255,15 +315,23 @@ __global__ void __launch_bounds__(kOrderThreads)
   }
 }
 
-// Copies prefix and kept tokens to their output rows and writes the fused token. Thread
-// (tx, ty): vector unit u = tile * tx_dim + tx of the row, token rows ty, ty + ty_dim, ...
+// Destination codes of a staged token row: >= 0 is the output row within the sample.
+constexpr int32_t kDstFuse = -1;  // dropped, accumulated into the fused token
+constexpr int32_t kDstSkip = -2;  // dropped without a fused token (or a slot outside the row)
+
+// Copies prefix and kept tokens to their output rows and writes the fused token (or, with
+// gridDim.z > 1 splits of the token rows, its partial sum: fuse_partial[z, b, :]). Thread
+// (tx, ty): vector unit u = tile * tx_dim + tx of the row, staged rows ty, ty + ty_dim, ...
 template <typename E, int VEC>
 __global__ void __launch_bounds__(kGatherThreads)
     select_gather_kernel(SelectShape s, const typename E::raw* __restrict__ x, typename E::raw* __restrict__ out,
                          const int32_t* __restrict__ slot, const float* __restrict__ coef,
-                         const float* __restrict__ dropped_sum, int tx_dim) {
+                         const float* __restrict__ dropped_sum, float* __restrict__ fuse_partial, int tx_dim,
+                         int64_t rows_per_split) {
   using V = Pack<typename E::raw, VEC>;
-  __shared__ float red[kGatherThreads * VEC];
+  __shared__ float red[VEC][kGatherThreads];  // [i][thread]: neighbouring threads, neighbouring banks
+  __shared__ int32_t dst_s[kStageRows];
+  __shared__ float coef_s[kStageRows];
   const int tid = threadIdx.x;
   const int64_t b = blockIdx.x;
   const int64_t N = s.N, P = s.num_prefix, n = N - P;
@@ -272,8 +340,10 @@ __global__ void __launch_bounds__(kGatherThreads)
   const int tx = tid % tx_dim, ty = tid / tx_dim, ty_dim = kGatherThreads / tx_dim;
   const int64_t units = s.D / VEC;
   const int64_t tiles = (units + tx_dim - 1) / tx_dim;
+  const int64_t t_begin = int64_t(blockIdx.z) * rows_per_split;
+  const int64_t t_end = t_begin + rows_per_split < N ? t_begin + rows_per_split : N;
   const V* xb = reinterpret_cast<const V*>(x) + b * N * units;
-  V* o = reinterpret_cast<V*>(out);
+  V* o = reinterpret_cast<V*>(out) + r.base * units;
   const int32_t* slot_row = slot + b * n;
   const float* coef_row = coef + b * n;
 
@@ -283,51 +353,96 @@ __global__ void __launch_bounds__(kGatherThreads)
     float acc[VEC];
 #pragma unroll
     for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
-    for (int64_t t = ty; t < N; t += ty_dim) {
-      int64_t dst = -1;
-      bool fuse_row = false;
-      float c = 0.0f;
-      if (t < P) {
-        dst = r.base + t;
-      } else {
-        const int64_t j = t - P;
-        const int32_t sl = slot_row[j];
-        if (sl >= 0) {
-          if (sl < r.kb) dst = r.base + P + sl;
-        } else if (s.has_fuse) {
-          fuse_row = true;
-          c = coef_row[j];
+    for (int64_t c0 = t_begin; c0 < t_end; c0 += kStageRows) {
+      const int cnt = static_cast<int>(t_end - c0 < kStageRows ? t_end - c0 : kStageRows);
+      __syncthreads();  // the previous chunk's dst_s / coef_s are consumed
+      for (int i = tid; i < cnt; i += kGatherThreads) {
+        const int64_t t = c0 + i;
+        int32_t dst = kDstSkip;
+        float c = 0.0f;
+        if (t < P) {
+          dst = static_cast<int32_t>(t);
+        } else {
+          const int32_t sl = slot_row[t - P];
+          if (sl >= 0) {
+            if (sl < r.kb) dst = static_cast<int32_t>(P + sl);
+          } else if (s.has_fuse) {
+            dst = kDstFuse;
+            c = coef_row[t - P];
+          }
         }
+        dst_s[i] = dst;
+        coef_s[i] = c;
       }
+      __syncthreads();
       if (!active) continue;
-      if (dst >= 0) {
-        o[dst * units + u] = xb[t * units + u];
-      } else if (fuse_row) {
-        const V v = xb[t * units + u];
+      for (int i0 = ty; i0 < cnt; i0 += ty_dim * kGatherUnroll) {
+        int32_t dst[kGatherUnroll];
+        V v[kGatherUnroll];
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) acc[i] = fmaf(c, E::to(v.v[i]), acc[i]);
+        for (int q = 0; q < kGatherUnroll; ++q) {  // the loads first: kGatherUnroll in flight
+          const int i = i0 + q * ty_dim;
+          dst[q] = i < cnt ? dst_s[i] : kDstSkip;
+          // A value on every path: a conditional assignment makes ptxas spill on sm_80.
+          v[q] = dst[q] != kDstSkip ? xb[(c0 + i) * units + u] : V{};
+        }
+#pragma unroll
+        for (int q = 0; q < kGatherUnroll; ++q) {
+          if (dst[q] >= 0) {
+            o[int64_t(dst[q]) * units + u] = v[q];
+          } else if (dst[q] == kDstFuse) {
+            const float c = coef_s[i0 + q * ty_dim];
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) acc[i] = fmaf(c, E::to(v[q].v[i]), acc[i]);
+          }
+        }
       }
     }
     if (s.has_fuse) {  // uniform over the block
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) red[(ty * tx_dim + tx) * VEC + i] = acc[i];
+      for (int i = 0; i < VEC; ++i) red[i][tid] = acc[i];
       __syncthreads();
       if (ty == 0 && active) {
-        const float denom = dropped_sum[b];
-        V f;
+        float tot[VEC];
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
-          float tot = 0.0f;
-          for (int y = 0; y < ty_dim; ++y) tot += red[(y * tx_dim + tx) * VEC + i];
-          float val = tot;
-          if (s.fuse_mean) val = (denom != 0.0f) ? __fdiv_rn(tot, denom) : 0.0f;
-          f.v[i] = E::from(val);
+          tot[i] = 0.0f;
+          for (int y = 0; y < ty_dim; ++y) tot[i] += red[i][y * tx_dim + tx];
         }
-        o[(r.base + P + r.kb) * units + u] = f;
+        if (gridDim.z == 1) {
+          const float denom = dropped_sum[b];
+          V f;
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) {
+            const float val = s.fuse_mean ? (denom != 0.0f ? __fdiv_rn(tot[i], denom) : 0.0f) : tot[i];
+            f.v[i] = E::from(val);
+          }
+          o[(P + r.kb) * units + u] = f;
+        } else {
+          float* part = fuse_partial + (int64_t(blockIdx.z) * s.B + b) * s.D + u * VEC;
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) part[i] = tot[i];
+        }
       }
       __syncthreads();  // red is reused by the next tile
     }
   }
+}
+
+// The fused row from the splits' partial sums, added in split order. Grid (B, D / kFuseThreads).
+template <typename E>
+__global__ void __launch_bounds__(kFuseThreads)
+    select_fuse_reduce_kernel(SelectShape s, const float* __restrict__ fuse_partial,
+                              const float* __restrict__ dropped_sum, typename E::raw* __restrict__ out, int splits) {
+  const int64_t b = blockIdx.x, n = s.N - s.num_prefix;
+  const int64_t col = int64_t(blockIdx.y) * kFuseThreads + threadIdx.x;
+  const RowLayout r = row_layout(s, b, n);
+  if (!r.ok || col >= s.D) return;
+  float tot = 0.0f;
+  for (int z = 0; z < splits; ++z) tot += fuse_partial[(int64_t(z) * s.B + b) * s.D + col];
+  const float denom = dropped_sum[b];
+  const float val = s.fuse_mean ? (denom != 0.0f ? __fdiv_rn(tot, denom) : 0.0f) : tot;
+  out[(r.base + s.num_prefix + r.kb) * s.D + col] = E::from(val);
 }
 
 // --------------------------------------------------------------------------------- backward
@@ -341,11 +456,12 @@ __global__ void __launch_bounds__(kRankThreads)
   __shared__ float red[kRankThreads];
   const int tid = threadIdx.x;
   const int64_t b = blockIdx.x;
-  const int64_t n = s.N - s.num_prefix;
-  const typename S::raw* srow = scores + b * n;
-  int32_t* slot_row = slot + b * n;
-  float* coef_row = coef + b * n;
-  const RowLayout r = row_layout(s, b, n);
+  const RankRow<S> row = rank_row<S>(s, scores, slot, coef);
+  const int64_t n = row.n;
+  const typename S::raw* srow = row.scores;
+  int32_t* slot_row = row.slot;
+  float* coef_row = row.coef;
+  const RowLayout r = row.r;
 
   for (int64_t j = tid; j < n; j += kRankThreads) slot_row[j] = -1;
   __syncthreads();  // orders this block's global writes before the scatter below
@@ -473,15 +589,36 @@ int gather_tx(int64_t units) {
   return tx;
 }
 
+// Splits of the token rows over grid.z: enough blocks for the GPU when B * D tiles are few, at
+// most one split per kStageRows rows. Returns the rows of a split.
+int64_t gather_rows_per_split(const SelectShape& s, int64_t y_blocks) {
+  const int64_t blocks = s.B * y_blocks;
+  int64_t splits = blocks >= kGatherTargetBlocks ? 1 : (kGatherTargetBlocks + blocks - 1) / blocks;
+  const int64_t max_splits = (s.N + kStageRows - 1) / kStageRows;
+  splits = splits < max_splits ? splits : max_splits;
+  splits = splits < kMaxGridY ? (splits > 0 ? splits : 1) : kMaxGridY;
+  return (s.N + splits - 1) / splits;
+}
+
 template <typename E, int VEC>
 void launch_gather(const SelectShape& s, const void* x, void* tokens, const SelectScratch& w, cudaStream_t stream) {
   const int64_t units = s.D / VEC;
   const int tx = gather_tx(units);
   const int64_t tiles = (units + tx - 1) / tx;
-  const dim3 grid(static_cast<unsigned>(s.B), static_cast<unsigned>(tiles < kMaxGridY ? tiles : kMaxGridY));
+  const int64_t y_blocks = tiles < kMaxGridY ? tiles : kMaxGridY;
+  int64_t rows = gather_rows_per_split(s, y_blocks);
+  // A fused row split over grid.z needs the partial-sum scratch (select_gather_partial_floats).
+  if (s.has_fuse && w.fuse_partial == nullptr) rows = s.N;
+  const int64_t splits = s.N > 0 ? (s.N + rows - 1) / rows : 1;
+  const dim3 grid(static_cast<unsigned>(s.B), static_cast<unsigned>(y_blocks), static_cast<unsigned>(splits));
   select_gather_kernel<E, VEC><<<grid, kGatherThreads, 0, stream>>>(
       s, static_cast<const typename E::raw*>(x), static_cast<typename E::raw*>(tokens), w.slot, w.coef,
-      w.dropped_sum, tx);
+      w.dropped_sum, w.fuse_partial, tx, rows);
+  if (s.has_fuse && splits > 1 && cudaPeekAtLastError() == cudaSuccess) {
+    const dim3 rgrid(static_cast<unsigned>(s.B), static_cast<unsigned>((s.D + kFuseThreads - 1) / kFuseThreads));
+    select_fuse_reduce_kernel<E><<<rgrid, kFuseThreads, 0, stream>>>(
+        s, w.fuse_partial, w.dropped_sum, static_cast<typename E::raw*>(tokens), static_cast<int>(splits));
+  }
 }
 
 template <typename E, int VEC>
@@ -497,6 +634,13 @@ void launch_bwd_rows(const SelectShape& s, const void* grad, const void* x, void
 bool grid_ok(const SelectShape& s) { return s.B <= 0x7fffffff && s.N - s.num_prefix <= 0x7fffffff; }
 
 }  // namespace
+
+int64_t select_gather_partial_floats(const SelectShape& s) {
+  if (!s.has_fuse || s.B == 0 || s.D == 0 || !grid_ok(s)) return 0;
+  // An upper bound whatever vector width the call takes: at most one split per kStageRows rows.
+  const int64_t max_splits = (s.N + kStageRows - 1) / kStageRows;
+  return max_splits > 1 ? max_splits * s.B * s.D : 0;
+}
 
 cudaError_t launch_select_forward(const SelectShape& s, const void* x, const void* scores, void* tokens,
                                   int64_t* indices, bool score_order, const SelectScratch& w,

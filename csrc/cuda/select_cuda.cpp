@@ -129,7 +129,7 @@ SelectShape make_shape(const at::Tensor& x, const at::Tensor& scores, int64_t nu
 }
 
 SelectScratch make_scratch(const at::TensorOptions& opt, int64_t B, int64_t n, bool with_dot, int64_t kept_tmp,
-                           std::vector<at::Tensor>& keep_alive) {
+                           std::vector<at::Tensor>& keep_alive, int64_t fuse_partial = 0) {
   keep_alive.push_back(at::empty({B, n}, opt.dtype(at::kInt)));
   keep_alive.push_back(at::empty({B, n}, opt.dtype(at::kFloat)));
   keep_alive.push_back(at::empty({with_dot ? B : 0, n}, opt.dtype(at::kFloat)));
@@ -141,6 +141,8 @@ SelectScratch make_scratch(const at::TensorOptions& opt, int64_t B, int64_t n, b
   w.dot = with_dot ? keep_alive[2].data_ptr<float>() : nullptr;
   w.dropped_sum = keep_alive[3].data_ptr<float>();
   w.kept_tmp = kept_tmp > 0 ? keep_alive[4].data_ptr<int64_t>() : nullptr;
+  keep_alive.push_back(at::empty({fuse_partial}, opt.dtype(at::kFloat)));
+  w.fuse_partial = fuse_partial > 0 ? keep_alive[5].data_ptr<float>() : nullptr;
   return w;
 }
 
@@ -164,7 +166,8 @@ std::tuple<at::Tensor, at::Tensor> select_tokens_cuda(const at::Tensor& x_in, co
   at::Tensor tokens = at::empty({s.B, rows, s.D}, x.options());
   at::Tensor indices = at::empty({s.B, k}, x.options().dtype(at::kLong));
   std::vector<at::Tensor> scratch;
-  const SelectScratch w = make_scratch(x.options(), s.B, n, false, score_order ? s.B * k : 0, scratch);
+  const SelectScratch w = make_scratch(x.options(), s.B, n, false, score_order ? s.B * k : 0, scratch,
+                                       select_gather_partial_floats(s));
   check_launch(op, launch_select_forward(s, x.data_ptr(), scores.data_ptr(), tokens.data_ptr(),
                                          indices.data_ptr<int64_t>(), score_order, w,
                                          c10::cuda::getCurrentCUDAStream()));
@@ -230,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor> select_tokens_varlen_cuda(const at::Tensor& x
   at::Tensor tokens = at::empty({total, s.D}, x.options());
   at::Tensor indices = at::empty({kept}, x.options().dtype(at::kLong));
   std::vector<at::Tensor> scratch;
-  const SelectScratch w = make_scratch(x.options(), s.B, n, false, 0, scratch);
+  const SelectScratch w = make_scratch(x.options(), s.B, n, false, 0, scratch, select_gather_partial_floats(s));
   check_launch(op, launch_select_forward(s, x.data_ptr(), scores.data_ptr(), tokens.data_ptr(),
                                          indices.data_ptr<int64_t>(), /*score_order=*/false, w,
                                          c10::cuda::getCurrentCUDAStream()));

@@ -50,9 +50,9 @@ int64_t emu_launches() { return ::emu::stats().launches; }
 int emu_select_forward(int64_t B, int64_t N, int64_t D, int64_t P, int64_t k, const int64_t* keep, const int32_t* cu,
                        int64_t out_rows, int64_t num_kept, int fuse, int x_dtype, int s_dtype, const void* x,
                        const void* scores, void* tokens, int64_t* indices, int score_order, int32_t* slot, float* coef,
-                       float* dot, float* dropped_sum, int64_t* kept_tmp) {
+                       float* dot, float* dropped_sum, int64_t* kept_tmp, float* fuse_partial) {
   const SelectShape s = select_shape(B, N, D, P, k, keep, cu, out_rows, num_kept, fuse, x_dtype, s_dtype);
-  const SelectScratch w{slot, coef, dot, dropped_sum, kept_tmp};
+  const SelectScratch w{slot, coef, dot, dropped_sum, kept_tmp, fuse_partial};
   return done(launch_select_forward(s, x, scores, tokens, indices, score_order != 0, w, nullptr));
 }
 
@@ -61,8 +61,12 @@ int emu_select_backward(int64_t B, int64_t N, int64_t D, int64_t P, int64_t k, c
                         const void* x, const void* scores, const int64_t* indices, void* grad_x, void* grad_scores,
                         int32_t* slot, float* coef, float* dot, float* dropped_sum) {
   const SelectShape s = select_shape(B, N, D, P, k, keep, cu, out_rows, num_kept, fuse, x_dtype, s_dtype);
-  const SelectScratch w{slot, coef, dot, dropped_sum, nullptr};
+  const SelectScratch w{slot, coef, dot, dropped_sum, nullptr, nullptr};
   return done(launch_select_backward(s, grad, x, scores, indices, grad_x, grad_scores, w, nullptr));
+}
+
+int64_t emu_select_partial_floats(int64_t B, int64_t N, int64_t D, int64_t P, int fuse, int x_dtype) {
+  return select_gather_partial_floats(select_shape(B, N, D, P, 0, nullptr, nullptr, 0, 0, fuse, x_dtype, 0));
 }
 
 int emu_relevance_forward(int64_t B, int64_t H, int64_t T, int64_t N, int64_t d, float scale, int dtype, const void* q,
