@@ -19,6 +19,14 @@ BACKENDS = ("torch", "triton", "cuda", "cpu")
 _CHOICES = BACKENDS + ("auto",)
 # Preference of "auto" per device type; the first available one that implements the op wins.
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+# (op, backend) pairs "auto" never picks, though they run when asked for by name. The CUDA
+# relevance kernel is fp32 CUDA-core math that reads the keys in both forward kernels and
+# recomputes the logits in each of its five kernels: by a roofline count at the mission shapes
+# (B=64, H=12, N=577, d=64, bf16 on an H200) it reads twice Triton's bytes at T=1 (Triton keeps
+# the one query's logits), and at T=32 its fp32 FMAs alone (3.6 GFLOP forward, ~54 us at the fp32
+# peak) take 2-4x the time Triton's tensor-core kernel needs to stream the keys; cuBLAS (the
+# "torch" path) uses tensor cores too. Counted, not timed: no GPU has run it yet.
+_AUTO_SKIP = {("relevance_scores", "cuda")}
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _default: Optional[str] = None  # set_backend(); None defers to $BUS_KERNELS_BACKEND, then "auto"
@@ -102,6 +110,7 @@ def resolve(
         for cand in _AUTO_ORDER.get(device.type, ("torch",)):
             if (
                 cand in implemented
+                and (op, cand) not in _AUTO_SKIP
                 and (cand == "torch" or fused_ok)
                 and _why_unavailable(cand) is None
                 and _runs_on(cand, device)

@@ -63,6 +63,20 @@ def test_auto_prefers_compiled_cpu_kernels():
             _backend.resolve("op", "cpu", torch.device("cpu"), ("torch", "cpu"), torch.float64)
 
 
+def test_auto_never_picks_the_cuda_relevance_kernel(monkeypatch):
+    """On CUDA tensors without Triton, "auto" runs relevance_scores on torch, not on the CUDA
+    kernel (see _AUTO_SKIP); select still goes to the CUDA kernel; naming "cuda" still works."""
+    monkeypatch.setattr(_backend, "_why_unavailable", lambda name: "absent" if name == "triton" else None)
+    monkeypatch.setattr(_backend, "_runs_on", lambda name, device: True)
+    cuda = torch.device("cuda")
+    rel = importlib.import_module("bus_kernels.ops.relevance").IMPLEMENTED
+    sel = importlib.import_module("bus_kernels.ops.select").IMPLEMENTED
+    assert "cuda" in rel
+    assert _backend.resolve("relevance_scores", "auto", cuda, rel, torch.bfloat16) == "torch"
+    assert _backend.resolve("relevance_scores", "cuda", cuda, rel, torch.bfloat16) == "cuda"
+    assert _backend.resolve("select_tokens", "auto", cuda, sel, torch.bfloat16) == "cuda"
+
+
 def test_import_without_extension_warns_once_and_works():
     """A source checkout without the built extension: import works, one warning, only 'torch'."""
     code = (
