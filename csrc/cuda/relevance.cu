@@ -47,6 +47,18 @@ struct TileSmem {
 
 __host__ __device__ __forceinline__ int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Stages rows row0 .. row0 + ROWS - 1, columns col0 .. col0 + kDC - 1 of the [rows, d] matrix
+// src into dst (row stride LD floats, fp32), zeros past the matrix. Every thread takes part.
+template <typename E, int ROWS, int LD>
+__device__ __forceinline__ void stage(float* dst, const typename E::raw* __restrict__ src, int64_t row0,
+                                      int64_t rows, int64_t col0, int64_t d) {
+  for (int e = threadIdx.x; e < ROWS * kDC; e += kThreads) {
+    const int rr = e / kDC, c = e % kDC;
+    const int64_t row = row0 + rr, col = col0 + c;
+    dst[rr * LD + c] = (row < rows && col < d) ? E::to(src[row * d + col]) : 0.0f;
+  }
+}
+
 // Logit (before scale) of query t0 + warp against key n0 + lane; 0 for rows past T or N. Every
 // thread of the block must call it (it synchronises).
 template <typename E>
@@ -55,16 +67,8 @@ __device__ __forceinline__ float tile_dot(const typename E::raw* __restrict__ qb
   const int tid = threadIdx.x, tq = tid >> 5, nn = tid & 31;
   float acc = 0.0f;
   for (int64_t d0 = 0; d0 < d; d0 += kDC) {
-    for (int e = tid; e < kTQ * kDC; e += kThreads) {
-      const int rr = e / kDC, c = e % kDC;
-      const int64_t t = t0 + rr, dd = d0 + c;
-      sm.q[rr][c] = (t < T && dd < d) ? E::to(qbh[t * d + dd]) : 0.0f;
-    }
-    for (int e = tid; e < kTN * kDC; e += kThreads) {
-      const int rr = e / kDC, c = e % kDC;
-      const int64_t n = n0 + rr, dd = d0 + c;
-      sm.k[rr][c] = (n < N && dd < d) ? E::to(kbh[n * d + dd]) : 0.0f;
-    }
+    stage<E, kTQ, kDC>(&sm.q[0][0], qbh, t0, T, d0, d);
+    stage<E, kTN, kDC + 1>(&sm.k[0][0], kbh, n0, N, d0, d);
     __syncthreads();
     const int lim = (d - d0 < kDC) ? static_cast<int>(d - d0) : kDC;
 #pragma unroll 4
@@ -171,6 +175,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   }
 }
 
+// Block of a dq / dk grid (b, h, tile of `rows` in steps of `tile`, 64 columns), blockIdx.x =
+// (bh * tiles + tile) * d_tiles + column tile; 32-bit index math (the grid is below 2^31).
+struct GradBlock {
+  int64_t dc0, tile0, bh, b;
+};
+
+__device__ __forceinline__ GradBlock grad_block(const RelevanceShape& s, int64_t rows, int tile) {
+  const uint32_t tiles = static_cast<uint32_t>(cdiv(rows, tile)), d_tiles = static_cast<uint32_t>(cdiv(s.d, kDC));
+  const uint32_t rest = blockIdx.x / d_tiles, bh32 = rest / tiles;
+  return GradBlock{int64_t(blockIdx.x % d_tiles) * kDC, int64_t(rest % tiles) * tile, bh32,
+                   bh32 / static_cast<uint32_t>(s.H)};
+}
+
 // dl[t, n] = P (g[n] - r[t]) w[t] scale, in the reference's order; 0 outside the tile's range.
 __device__ __forceinline__ float dlogit(float x, float lse_t, float g_n, float r_t, float w_t, float scale) {
   return expf(x - lse_t) * (g_n - r_t) * w_t * scale;
@@ -185,11 +202,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   __shared__ float dl_s[kTQ][kTN];
   __shared__ float kc[kTN][kDC];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const uint32_t t_tiles = static_cast<uint32_t>(cdiv(s.T, kTQ)), d_tiles = static_cast<uint32_t>(cdiv(s.d, kDC));
   {
-    const int64_t dc0 = int64_t(blockIdx.x % d_tiles) * kDC;
-    const uint32_t rest = blockIdx.x / d_tiles, bh32 = rest / t_tiles;
-    const int64_t t0 = int64_t(rest % t_tiles) * kTQ, bh = bh32, b = bh32 / static_cast<uint32_t>(s.H);
+    const GradBlock gb = grad_block(s, s.T, kTQ);
+    const int64_t dc0 = gb.dc0, t0 = gb.tile0, bh = gb.bh, b = gb.b;
     const int64_t t = t0 + warp;
     const bool valid_t = t < s.T;
     const float lse_t = valid_t ? lse[bh * s.T + t] : 0.0f;
@@ -202,11 +217,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       const float x = logit<E>(s, qbh, kbh, t0, n0, sm);
       const int64_t n = n0 + lane;
       dl_s[warp][lane] = (valid_t && n < s.N) ? dlogit(x, lse_t, g[b * s.N + n], r_t, w_t, s.scale) : 0.0f;
-      for (int e = tid; e < kTN * kDC; e += kThreads) {
-        const int rr = e / kDC, c = e % kDC;
-        const int64_t nk = n0 + rr, col = dc0 + c;
-        kc[rr][c] = (nk < s.N && col < s.d) ? E::to(kbh[nk * s.d + col]) : 0.0f;
-      }
+      stage<E, kTN, kDC>(&kc[0][0], kbh, n0, s.N, dc0, s.d);
       __syncthreads();
 #pragma unroll 8
       for (int nn = 0; nn < kTN; ++nn) {
@@ -234,11 +245,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   __shared__ float dl_s[kTQ][kTN];
   __shared__ float qc[kTQ][kDC];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const uint32_t n_tiles = static_cast<uint32_t>(cdiv(s.N, kTN)), d_tiles = static_cast<uint32_t>(cdiv(s.d, kDC));
   {
-    const int64_t dc0 = int64_t(blockIdx.x % d_tiles) * kDC;
-    const uint32_t rest = blockIdx.x / d_tiles, bh32 = rest / n_tiles;
-    const int64_t n0 = int64_t(rest % n_tiles) * kTN, bh = bh32, b = bh32 / static_cast<uint32_t>(s.H);
+    const GradBlock gb = grad_block(s, s.N, kTN);
+    const int64_t dc0 = gb.dc0, n0 = gb.tile0, bh = gb.bh, b = gb.b;
     const typename E::raw* qbh = q + bh * s.T * s.d;
     const typename E::raw* kbh = k + bh * s.N * s.d;
     const int64_t n = n0 + lane;
@@ -254,11 +263,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         dl = dlogit(x, lse[bh * s.T + t], g_n, row[bh * s.T + t], w[b * s.T + t], s.scale);
       }
       dl_s[warp][lane] = dl;
-      for (int e = tid; e < kTQ * kDC; e += kThreads) {
-        const int rr = e / kDC, c = e % kDC;
-        const int64_t tq = t0 + rr, col = dc0 + c;
-        qc[rr][c] = (tq < s.T && col < s.d) ? E::to(qbh[tq * s.d + col]) : 0.0f;
-      }
+      stage<E, kTQ, kDC>(&qc[0][0], qbh, t0, s.T, dc0, s.d);
       __syncthreads();
 #pragma unroll
       for (int tq = 0; tq < kTQ; ++tq) {
