@@ -81,6 +81,69 @@ def test_emulator_reports_deadlocks_exited_lanes_and_bad_configs(emu):
     assert lib.emu_selftest_config(1, 1, 2048) != 0
 
 
+def test_emulator_schedules_expose_a_missing_barrier(emu):
+    """A read of shared memory that misses its barrier gives other bits under another resume
+    order (and reads poison, NaN, in one of them): what the schedule tests below rely on."""
+    lib = emu.lib()
+    outs = []
+    for mode in ("forward", "reverse"):
+        out = torch.zeros(64)
+        with emu.schedule(mode):
+            assert lib.emu_selftest_missing_barrier(ctypes.c_void_p(out.data_ptr())) == 0
+        outs.append(out)
+    assert not torch.equal(outs[0], outs[1])
+    assert outs[0].isnan().any() or outs[1].isnan().any()
+
+
+def _bits(ts):
+    return [t.view(torch.uint8) if t.dtype.is_floating_point else t for t in ts]
+
+
+def _same_under_every_schedule(emu, fn):
+    """fn() under forward, reverse and two shuffled resume orders: the same bits each time."""
+    with emu.schedule("forward"):
+        want = _bits(fn())
+    for mode, seed in (("reverse", 0), ("shuffled", 1), ("shuffled", 2)):
+        with emu.schedule(mode, seed):
+            got = _bits(fn())
+        for a, b in zip(got, want):
+            assert torch.equal(a, b), (mode, seed)
+
+
+def test_select_is_race_free_under_every_schedule(emu, gen):
+    x = torch.randn(2, 600, 40, generator=gen).bfloat16()
+    s = _scores(gen, 2, 599, "ties", torch.float32)
+    g = torch.randn(2, 1 + 250 + 1, 40, generator=gen).bfloat16()
+    keep = torch.tensor([0, 599])
+    cu, total = _varlen_meta(keep, 1, "mean")
+    gv = torch.randn(total, 40, generator=gen).bfloat16()
+
+    def run():
+        tok, idx = emu.select_tokens(x, s, 250, 1, "mean", "score")
+        gx, gs = emu.select_tokens_backward(g, x, s, idx, 1, "mean")
+        vt, vi = emu.select_tokens_varlen(x, s, keep, cu, total, 1, "mean")
+        vgx, vgs = emu.select_tokens_varlen_backward(gv, x, s, vi, keep, cu, 1, "mean")
+        return tok, idx, gx, gs, vt, vi, vgx, vgs
+
+    _same_under_every_schedule(emu, run)
+
+
+def test_relevance_and_pack_are_race_free_under_every_schedule(emu, gen):
+    q = torch.randn(1, 2, 9, 130, generator=gen).half()
+    k = torch.randn(1, 2, 40, 130, generator=gen).half()
+    g = torch.randn(1, 40, generator=gen)
+    x = torch.randn(3, 5, 7, generator=gen)
+    cu = torch.tensor([0, 2, 2, 7], dtype=torch.int32)
+
+    def run():
+        sc, lse = emu.relevance_scores(q, k, 0.1)
+        dq, dk = emu.relevance_scores_backward(g, q, k, lse, 0.1)
+        packed = emu.pack(x, cu, 7)
+        return sc, lse, dq, dk, packed, emu.unpack(packed, cu, 5)
+
+    _same_under_every_schedule(emu, run)
+
+
 def test_guards_catch_writes_outside_and_unwritten_elements(emu):
     g = emu.Guarded((3, 4), torch.float32, "t")
     g.t.fill_(1.0)
@@ -149,6 +212,26 @@ def test_select_long_rows_and_rows_split_over_the_grid(emu, gen, N, P, k, fuse):
     rgx, rgs = ref.select_tokens_backward(g, x, s, idx, P, fuse)
     _close(gx, rgx, torch.float32, "grad_x")
     torch.testing.assert_close(gs, rgs, atol=1e-4, rtol=1e-4)
+
+
+def test_select_rows_staged_in_several_chunks(emu, gen):
+    """B = 140 rows of 520 tokens: two splits of 260 rows each, so each gather block stages its
+    rows in two chunks of shared memory (the barrier between them matters); checked against the
+    reference and under every resume order."""
+    B, N, D, P, k = 140, 520, 8, 1, 200
+    x = torch.randn(B, N, D, generator=gen)
+    s = torch.rand(B, N - P, generator=gen)
+    rtok, ridx = ref.select_tokens(x, s, k, P, "sum", "index")
+
+    def run():
+        return emu.select_tokens(x, s, k, P, "sum", "index")
+
+    before = emu.lib().emu_launches()
+    tok, idx = run()
+    assert emu.lib().emu_launches() - before == 3
+    assert torch.equal(idx, ridx)
+    _close(tok, rtok, torch.float32, "tokens")
+    _same_under_every_schedule(emu, run)
 
 
 @pytest.mark.parametrize("misalign", [1, 2])

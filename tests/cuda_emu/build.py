@@ -1,9 +1,10 @@
 """Builds the host emulation of the CUDA kernels (csrc/cuda/*.cu) as a shared library for ctypes.
 
 The .cu files are compiled by g++ as they are, against the shim headers of tests/cuda_emu/include
-(see emu.h for the execution model), after one rewrite: the launch syntax
+(see emu.h for the execution model), after two rewrites: the launch syntax
 ``kernel<<<grid, block, smem, stream>>>(args)`` becomes ``::emu::launch(::emu::cfg(grid, block,
-smem, stream), kernel, args)``. The library is cached under build/cuda_emu/ by a hash of every
+smem, stream), kernel, args)``, and each ``__shared__`` declaration a ``static`` one followed by a
+call that poisons it when a block first reaches it. The library is cached under build/cuda_emu/ by a hash of every
 input, so a test session compiles it once (~30 s on 2 cores).
 """
 from __future__ import annotations
@@ -24,6 +25,15 @@ FLAGS = ["-std=c++17", "-O1", "-fPIC", "-shared", "-ffp-contract=off", "-Wall", 
 
 # The callee (a name with optional template arguments) and the launch configuration.
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\s*\((\s*\))?", re.S)
+
+
+_SHARED = re.compile(r"__shared__\s+([^;{}()]+?)\s+(\w+)((?:\[[^\]]*\])*)\s*;")
+
+
+def rewrite_shared(src: str) -> str:
+    """``__shared__ T x[n];`` -> ``static T x[n]; ::emu::shared_mark(&x, sizeof(x));`` (poisoned)."""
+    return _SHARED.sub(lambda m: f"static {m.group(1)} {m.group(2)}{m.group(3)}; "
+                                 f"::emu::shared_mark(&{m.group(2)}, sizeof({m.group(2)}));", src)
 
 
 def rewrite_launches(src: str) -> str:
@@ -64,7 +74,7 @@ def build(out_dir: Path | None = None) -> Path:
     units = []
     for path in [CUDA_SRC / name for name in SOURCES] + [HERE / "selftest.cu"]:
         unit = gen / (path.name + ".cpp")
-        unit.write_text(f'#line 1 "{path}"\n' + rewrite_launches(path.read_text()))
+        unit.write_text(f'#line 1 "{path}"\n' + rewrite_shared(rewrite_launches(path.read_text())))
         units.append(str(unit))
     tmp = lib.with_suffix(".tmp.so")
     cmd = [cxx, *FLAGS, f"-I{HERE / 'include'}", f"-I{HERE}", f"-I{CUDA_SRC}", *units, str(HERE / "entry.cpp"),

@@ -5,8 +5,8 @@
 //
 // Model: the blocks of a grid run one after another; the threads of a block are cooperative
 // fibers (ucontext) that switch only at __syncthreads() and at warp collectives (__shfl_*_sync,
-// __ballot_sync, __syncwarp). `__shared__` becomes a function-local `static`: one copy, shared by
-// the fibers of the running block. Barriers are strict: a block barrier is released when every
+// __ballot_sync, __syncwarp). `__shared__` becomes a function-local `static` (one copy, shared by
+// the fibers of the running block), poisoned when a block first reaches it. Barriers are strict: a block barrier is released when every
 // thread of the block waits at it (a thread that exited while others wait at one is a divergent
 // barrier, reported); a warp collective when every lane of its mask waits at
 // a collective of the same kind and mask. A lane of the mask that has exited, or a block in which
@@ -15,8 +15,11 @@
 // configurations a GPU refuses (more than 1024 threads a block, grid.y or grid.z over 65535,
 // grid.x over 2^31 - 1).
 //
-// What it cannot see: races between threads that do not synchronise (fibers do not interleave
-// between sync points), the memory model, timing. Shared memory is not poisoned between blocks.
+// Races: fibers do not interleave between sync points, but the order in which they are resumed
+// can be set (forward, reverse, shuffled anew at every barrier; schedule()), and a race-free
+// kernel gives the same bits under every order; tests compare them. That finds a read that
+// misses its barrier, not every race. Shared memory is poisoned before each block. Not seen:
+// the memory model, timing.
 // Float maths is the host's (fmaf is a fused multiply-add; expf/logf differ from the GPU's by an
 // ulp or two), so tests compare with the stated tolerances, not bit for bit.
 #pragma once
@@ -40,6 +43,10 @@
 #define __noinline__
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
+// build.py rewrites each `__shared__ T name[...];` to `static T name[...];` followed by
+// `::emu::shared_mark(&name, sizeof(name));`, which fills the variable with 0xff bytes (NaN as
+// fp32, -1 as integers) the first time a block reaches it, as a GPU leaves shared memory
+// undefined. The macro is for declarations the rewrite does not see.
 #define __shared__ static
 
 // ------------------------------------------------------------------------------ runtime types
@@ -191,8 +198,22 @@ struct Fiber {
   uint64_t value = 0, result = 0;
 };
 
+// The order in which the scheduler resumes the runnable fibers of a block: a race-free kernel
+// computes the same bits under every order, so tests compare orders (a read of shared memory
+// that misses its barrier reads another value in one of them).
+enum class Schedule { kForward = 0, kReverse = 1, kShuffled = 2 };
+struct ScheduleState {
+  Schedule mode = Schedule::kForward;
+  uint64_t seed = 0;
+};
+inline ScheduleState& schedule() {
+  static ScheduleState s;
+  return s;
+}
+
 struct Block {
   std::vector<Fiber> fibers;
+  std::vector<int> order;
   std::vector<std::vector<char>> stacks;
   ucontext_t sched;
   int current = -1;
@@ -298,8 +319,23 @@ inline bool release_warps(std::string& err) {
   return progress;
 }
 
+// The shared variables already poisoned in the running block.
+inline std::vector<const void*>& marked() {
+  static std::vector<const void*> m;
+  return m;
+}
+
+inline void shared_mark(void* p, size_t bytes) {
+  for (const void* q : marked()) {
+    if (q == p) return;
+  }
+  marked().push_back(p);
+  std::memset(p, 0xff, bytes);
+}
+
 // Runs one block of `threads` fibers to completion; false (with a message) on a deadlock.
 inline bool run_block(int threads, const std::function<void()>& body, std::string& err) {
+  marked().clear();
   constexpr size_t kStack = 256 * 1024;
   Block& b = blk();
   b.body = body;
@@ -314,9 +350,24 @@ inline bool run_block(int threads, const std::function<void()>& body, std::strin
     f.ctx.uc_link = &b.sched;
     makecontext(&f.ctx, fiber_entry, 0);
   }
+  b.order.resize(threads);
+  for (int i = 0; i < threads; ++i) b.order[i] = i;
+  if (schedule().mode == Schedule::kReverse) {
+    for (int i = 0; i < threads; ++i) b.order[i] = threads - 1 - i;
+  }
+  uint64_t rng = schedule().seed * 0x9e3779b97f4a7c15ull + 1;
   for (;;) {
+    if (schedule().mode == Schedule::kShuffled) {  // a new order at every round
+      for (int i = threads - 1; i > 0; --i) {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        std::swap(b.order[i], b.order[static_cast<int>(rng % static_cast<uint64_t>(i + 1))]);
+      }
+    }
     bool ran = false;
-    for (int i = 0; i < threads; ++i) {
+    for (int oi = 0; oi < threads; ++oi) {
+      const int i = b.order[oi];
       if (b.fibers[i].wait != Wait::kNone) continue;
       set_current(i);
       swapcontext(&b.sched, &b.fibers[i].ctx);

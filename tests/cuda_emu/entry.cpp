@@ -46,6 +46,10 @@ int done(cudaError_t e) {
 extern "C" {
 const char* emu_message() { return ::emu::state().message.c_str(); }
 int64_t emu_launches() { return ::emu::stats().launches; }
+void emu_set_schedule(int mode, uint64_t seed) {
+  ::emu::schedule().mode = static_cast<::emu::Schedule>(mode);
+  ::emu::schedule().seed = seed;
+}
 
 int emu_select_forward(int64_t B, int64_t N, int64_t D, int64_t P, int64_t k, const int64_t* keep, const int32_t* cu,
                        int64_t out_rows, int64_t num_kept, int fuse, int x_dtype, int s_dtype, const void* x,

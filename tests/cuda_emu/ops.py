@@ -31,6 +31,22 @@ def lib() -> ctypes.CDLL:
     return build.load()
 
 
+SCHEDULES = {"forward": 0, "reverse": 1, "shuffled": 2}
+
+
+class schedule:
+    """``with schedule("reverse", seed):`` resumes a block's fibers in that order (see emu.h)."""
+
+    def __init__(self, mode: str, seed: int = 0):
+        self.mode, self.seed = SCHEDULES[mode], seed
+
+    def __enter__(self):
+        lib().emu_set_schedule(self.mode, ctypes.c_uint64(self.seed))
+
+    def __exit__(self, *exc):
+        lib().emu_set_schedule(0, ctypes.c_uint64(0))
+
+
 def _sentinel(dtype: torch.dtype):
     return float("nan") if dtype.is_floating_point else torch.iinfo(dtype).max - 5
 

@@ -62,6 +62,14 @@ __global__ void exited_lane_kernel(float* out) {
 
 __global__ void noop_kernel() {}
 
+// Thread i reads its neighbour's shared slot without a barrier between the write and the read.
+__global__ void missing_barrier_kernel(float* out) {
+  __shared__ float sm[64];
+  const int tid = threadIdx.x;
+  sm[tid] = static_cast<float>(tid + 1);
+  out[tid] = sm[(tid + 1) % 64];
+}
+
 }  // namespace
 
 extern "C" {
@@ -79,6 +87,10 @@ int emu_selftest_divergent_barrier(float* out) {
 }
 int emu_selftest_exited_lane(float* out) {
   exited_lane_kernel<<<1, 32>>>(out);
+  return static_cast<int>(cudaGetLastError());
+}
+int emu_selftest_missing_barrier(float* out) {
+  missing_barrier_kernel<<<1, 64>>>(out);
   return static_cast<int>(cudaGetLastError());
 }
 int emu_selftest_config(unsigned gx, unsigned gy, unsigned threads) {
