@@ -31,6 +31,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -214,7 +215,7 @@ inline ScheduleState& schedule() {
 struct Block {
   std::vector<Fiber> fibers;
   std::vector<int> order;
-  std::vector<std::vector<char>> stacks;
+  std::vector<std::unique_ptr<char[]>> stacks;  // one per thread, kept across blocks
   ucontext_t sched;
   int current = -1;
   std::function<void()> body;
@@ -340,12 +341,11 @@ inline bool run_block(int threads, const std::function<void()>& body, std::strin
   Block& b = blk();
   b.body = body;
   b.fibers.assign(threads, Fiber{});
-  if (b.stacks.size() < static_cast<size_t>(threads)) b.stacks.resize(threads);
+  while (b.stacks.size() < static_cast<size_t>(threads)) b.stacks.emplace_back(new char[kStack]);
   for (int i = 0; i < threads; ++i) {
-    if (b.stacks[i].size() != kStack) b.stacks[i].assign(kStack, 0);
     Fiber& f = b.fibers[i];
     getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = b.stacks[i].data();
+    f.ctx.uc_stack.ss_sp = b.stacks[i].get();
     f.ctx.uc_stack.ss_size = kStack;
     f.ctx.uc_link = &b.sched;
     makecontext(&f.ctx, fiber_entry, 0);
