@@ -233,30 +233,40 @@ struct Rows {
   int64_t index(int64_t b) const { return offsets ? offsets[b] : b * k; }
 };
 
-// Ranks every row, writes its indices and tokens into `indices` and `out`.
-void select_forward(const at::Tensor& x, const at::Tensor& scores, int64_t P, Fuse fuse, bool by_score,
-                    const Rows& r, at::Tensor& out, at::Tensor& indices) {
-  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), n = N - P;
+// Runs body(T{}, S{}, b, kb, w) for every row b, rows in parallel: T and S are the element types
+// of x and scores, kb the row's keep count, w the task's scratch with the row's scores as fp32 in
+// w.s. Shared by the forward and the backward.
+template <typename F>
+void for_each_row(const at::Tensor& x, const at::Tensor& scores, int64_t P, const Rows& r,
+                  const F& body) {
+  const int64_t B = x.size(0), D = x.size(2), n = x.size(1) - P;
   BK_DISPATCH(x.scalar_type(), "select_tokens_cpu", [&] {
     using T = scalar_t;
     BK_DISPATCH(scores.scalar_type(), "select_scores", [&] {
       using S = scalar_t;
-      const T* xp = x.data_ptr<T>();
       const S* sp = scores.data_ptr<S>();
-      T* op_ = out.data_ptr<T>();
-      int64_t* ip = indices.data_ptr<int64_t>();
       at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
         Scratch w(D);
         for (int64_t b = b0; b < b1; ++b) {
-          const int64_t kb = r.count(b);
           load_scores(sp + b * n, n, w.s);
-          rank_top_k(w.s.data(), n, kb, by_score, w.cols);
-          for (int64_t i = 0; i < kb; ++i) ip[r.index(b) + i] = w.cols[i] + P;
-          select_row(xp + b * N * D, w.s.data(), n, D, P, kb, fuse, w.cols, w.kept, w.acc, w.xbuf,
-                     op_ + r.token(b) * D);
+          body(T{}, S{}, b, r.count(b), w);
         }
       });
     });
+  });
+}
+
+// Ranks every row, writes its indices and tokens into `indices` and `out`.
+void select_forward(const at::Tensor& x, const at::Tensor& scores, int64_t P, Fuse fuse, bool by_score,
+                    const Rows& r, at::Tensor& out, at::Tensor& indices) {
+  const int64_t N = x.size(1), D = x.size(2), n = N - P;
+  int64_t* ip = indices.data_ptr<int64_t>();
+  for_each_row(x, scores, P, r, [&](auto t, auto, int64_t b, int64_t kb, Scratch& w) {
+    using T = decltype(t);
+    rank_top_k(w.s.data(), n, kb, by_score, w.cols);
+    for (int64_t i = 0; i < kb; ++i) ip[r.index(b) + i] = w.cols[i] + P;
+    select_row(x.data_ptr<T>() + b * N * D, w.s.data(), n, D, P, kb, fuse, w.cols, w.kept, w.acc, w.xbuf,
+               out.data_ptr<T>() + r.token(b) * D);
   });
 }
 
@@ -264,30 +274,16 @@ void select_forward(const at::Tensor& x, const at::Tensor& scores, int64_t P, Fu
 void select_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scores,
                      const at::Tensor& indices, int64_t P, Fuse fuse, const Rows& r, at::Tensor& gx,
                      at::Tensor& gs) {
-  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), n = N - P;
-  BK_DISPATCH(x.scalar_type(), "select_tokens_backward_cpu", [&] {
-    using T = scalar_t;
-    BK_DISPATCH(scores.scalar_type(), "select_scores", [&] {
-      using S = scalar_t;
-      const T* xp = x.data_ptr<T>();
-      const T* gp = grad.data_ptr<T>();
-      const S* sp = scores.data_ptr<S>();
-      const int64_t* ip = indices.data_ptr<int64_t>();
-      T* gxp = gx.data_ptr<T>();
-      S* gsp = gs.data_ptr<S>();
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-        Scratch w(D);
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t kb = r.count(b);
-          load_scores(sp + b * n, n, w.s);
-          w.cols.resize(kb);
-          for (int64_t i = 0; i < kb; ++i) w.cols[i] = ip[r.index(b) + i] - P;
-          select_row_backward(gp + r.token(b) * D, xp + b * N * D, w.s.data(), n, D, P, kb, fuse,
-                              w.cols.data(), w.kept, w.gdot, w.gbuf, w.xbuf, w.rowbuf, gxp + b * N * D,
-                              gsp + b * n);
-        }
-      });
-    });
+  const int64_t N = x.size(1), D = x.size(2), n = N - P;
+  const int64_t* ip = indices.data_ptr<int64_t>();
+  for_each_row(x, scores, P, r, [&](auto t, auto s, int64_t b, int64_t kb, Scratch& w) {
+    using T = decltype(t);
+    using S = decltype(s);
+    w.cols.resize(kb);
+    for (int64_t i = 0; i < kb; ++i) w.cols[i] = ip[r.index(b) + i] - P;
+    select_row_backward(grad.data_ptr<T>() + r.token(b) * D, x.data_ptr<T>() + b * N * D, w.s.data(), n, D, P, kb,
+                        fuse, w.cols.data(), w.kept, w.gdot, w.gbuf, w.xbuf, w.rowbuf, gx.data_ptr<T>() + b * N * D,
+                        gs.data_ptr<S>() + b * n);
   });
 }
 
