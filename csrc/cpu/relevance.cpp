@@ -478,9 +478,7 @@ Problem make_problem(const char* op, const at::Tensor& q, const at::Tensor& k,
   if (q_mask.has_value()) {
     const at::Tensor& m = *q_mask;
     check_cpu(op, "q_mask", m);
-    TORCH_CHECK(m.scalar_type() == at::kBool, op, ": q_mask must be bool, got ", m.scalar_type());
-    TORCH_CHECK(m.dim() == 2 && m.size(0) == p.B && m.size(1) == p.T, op, ": q_mask must be [B=", p.B,
-                ", T=", p.T, "], got ", m.sizes());
+    check_q_mask(op, m, p.B, p.T);
     const at::Tensor mc = m.contiguous();
     const bool* mask = mc.data_ptr<bool>();
     for (int64_t b = 0; b < p.B; ++b) {
@@ -533,11 +531,7 @@ std::tuple<at::Tensor, at::Tensor> relevance_scores_backward_cpu(const at::Tenso
   check_cpu(op, "grad", grad_in);
   check_cpu(op, "lse", lse_in);
   TORCH_CHECK(grad_in.scalar_type() == at::kFloat, op, ": grad must be float32, got ", grad_in.scalar_type());
-  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == p.B && grad_in.size(1) == p.N, op,
-              ": grad must be [B=", p.B, ", N=", p.N, "], got ", grad_in.sizes());
-  TORCH_CHECK(lse_in.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse_in.scalar_type());
-  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == p.B && lse_in.size(1) == p.H && lse_in.size(2) == p.T,
-              op, ": lse must be [B=", p.B, ", H=", p.H, ", T=", p.T, "], got ", lse_in.sizes());
+  check_grad_lse(op, grad_in, lse_in, p.B, p.H, p.T, p.N);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
   const at::Tensor grad = grad_in.contiguous();
   p.q = q.data_ptr();
