@@ -124,6 +124,24 @@ void check_select_common(const char* op, const at::Tensor& x, const at::Tensor& 
               scores.sizes());
 }
 
+// The checked, contiguous x and scores of one call, its fuse mode and sizes (n = N - P rankable
+// tokens per row).
+struct Call {
+  at::Tensor x, scores;
+  Fuse fuse;
+  int64_t B, N, D, P, n;
+};
+
+// Checks and prepares the arguments all four ops share.
+Call prepare(const char* op, const at::Tensor& x_in, const at::Tensor& scores_in, int64_t num_prefix,
+             c10::string_view fuse_s) {
+  check_select_common(op, x_in, scores_in, num_prefix);
+  const Fuse fuse = parse_fuse(op, std::string_view(fuse_s.data(), fuse_s.size()));
+  const at::Tensor x = x_in.contiguous();
+  const int64_t N = x.size(1);
+  return {x, scores_in.contiguous(), fuse, x.size(0), N, x.size(2), num_prefix, N - num_prefix};
+}
+
 // One row's scores as fp32 in `buf` (scores are small next to x, so always copy).
 template <typename S>
 void load_scores(const S* src, int64_t n, std::vector<float>& buf) {
@@ -291,11 +309,8 @@ std::tuple<at::Tensor, at::Tensor> select_tokens_cpu(const at::Tensor& x_in, con
                                                      int64_t k, int64_t num_prefix, c10::string_view fuse_s,
                                                      c10::string_view order) {
   const char* op = "bus_kernels_C::select_tokens";
-  check_select_common(op, x_in, scores_in, num_prefix);
-  const Fuse fuse = parse_fuse(op, std::string_view(fuse_s.data(), fuse_s.size()));
+  const auto [x, scores, fuse, B, N, D, P, n] = prepare(op, x_in, scores_in, num_prefix, fuse_s);
   TORCH_CHECK(order == "index" || order == "score", op, ": order must be 'index' or 'score', got '", order, "'");
-  const at::Tensor x = x_in.contiguous(), scores = scores_in.contiguous();
-  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), P = num_prefix, n = N - P;
   TORCH_CHECK(k >= 1 && k <= n, op, ": k=", k, " must be in [1, N - num_prefix=", n, "]");
   const int64_t rows = P + k + (fuse != Fuse::kNone);
   at::Tensor out = at::empty({B, rows, D}, x.options());
@@ -319,10 +334,7 @@ std::tuple<at::Tensor, at::Tensor> select_tokens_backward_cpu(const at::Tensor& 
                                                               const at::Tensor& scores_in, const at::Tensor& indices_in,
                                                               int64_t num_prefix, c10::string_view fuse_s) {
   const char* op = "bus_kernels_C::select_tokens_backward";
-  check_select_common(op, x_in, scores_in, num_prefix);
-  const Fuse fuse = parse_fuse(op, std::string_view(fuse_s.data(), fuse_s.size()));
-  const at::Tensor x = x_in.contiguous(), scores = scores_in.contiguous();
-  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), P = num_prefix, n = N - P;
+  const auto [x, scores, fuse, B, N, D, P, n] = prepare(op, x_in, scores_in, num_prefix, fuse_s);
   TORCH_CHECK(indices_in.dim() == 2 && indices_in.size(0) == B && indices_in.scalar_type() == at::kLong &&
                   indices_in.size(1) <= n,
               op, ": indices must be int64 [B=", B, ", k <= ", n, "], got ", indices_in.scalar_type(), " ",
@@ -371,11 +383,8 @@ std::tuple<at::Tensor, at::Tensor> select_tokens_varlen_cpu(const at::Tensor& x_
                                                             const at::Tensor& keep_in, const at::Tensor& cu_in,
                                                             int64_t total, int64_t num_prefix, c10::string_view fuse_s) {
   const char* op = "bus_kernels_C::select_tokens_varlen";
-  check_select_common(op, x_in, scores_in, num_prefix);
-  const Fuse fuse = parse_fuse(op, std::string_view(fuse_s.data(), fuse_s.size()));
-  const at::Tensor x = x_in.contiguous(), scores = scores_in.contiguous();
+  const auto [x, scores, fuse, B, N, D, P, n] = prepare(op, x_in, scores_in, num_prefix, fuse_s);
   const at::Tensor keep = keep_in.contiguous(), cu = cu_in.contiguous();
-  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), P = num_prefix, n = N - P;
   const int64_t extra = P + (fuse != Fuse::kNone);
   const std::vector<int64_t> offsets = check_varlen(op, keep, cu, B, n, extra, total);
   at::Tensor out = at::empty({total, D}, x.options());
@@ -392,11 +401,8 @@ std::tuple<at::Tensor, at::Tensor> select_tokens_varlen_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& scores_in, const at::Tensor& indices_in,
     const at::Tensor& keep_in, const at::Tensor& cu_in, int64_t num_prefix, c10::string_view fuse_s) {
   const char* op = "bus_kernels_C::select_tokens_varlen_backward";
-  check_select_common(op, x_in, scores_in, num_prefix);
-  const Fuse fuse = parse_fuse(op, std::string_view(fuse_s.data(), fuse_s.size()));
-  const at::Tensor x = x_in.contiguous(), scores = scores_in.contiguous();
+  const auto [x, scores, fuse, B, N, D, P, n] = prepare(op, x_in, scores_in, num_prefix, fuse_s);
   const at::Tensor keep = keep_in.contiguous(), cu = cu_in.contiguous();
-  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), P = num_prefix, n = N - P;
   const int64_t extra = P + (fuse != Fuse::kNone);
   TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(1) == D && grad_in.scalar_type() == x.scalar_type() &&
                   grad_in.device() == x.device(),
