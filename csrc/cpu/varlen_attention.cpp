@@ -412,7 +412,6 @@ struct ForwardScratch {
 // A forward call: the tensors of every task.
 template <typename scalar_t>
 struct Forward {
-  using scalar_type = scalar_t;
   using Scratch = ForwardScratch;
   const Problem& p;
   const scalar_t *q, *k, *v;
@@ -516,7 +515,6 @@ struct BackwardScratch {
 // A backward call: the tensors of every task.
 template <typename scalar_t>
 struct Backward {
-  using scalar_type = scalar_t;
   using Scratch = BackwardScratch;
   const Problem& p;
   const scalar_t *grad, *q, *k, *v, *out;
@@ -606,10 +604,10 @@ BUS_INLINE void run_task(const Backward<scalar_t>& g, const Task& task, const Ba
 
 // ------------------------------------------------------------------------------- workers
 // Runs task `t` of `job` (a Forward or a Backward), then claims more until none are left.
-template <typename Job>
-BUS_INLINE void worker(const Job& job, TaskQueue& queue, int64_t t) {
+template <template <typename> class Job, typename scalar_t>
+BUS_INLINE void worker(const Job<scalar_t>& job, TaskQueue& queue, int64_t t) {
   WorkerGuards guards;
-  const typename Job::Scratch w(job.p.longest, job.p.d, !std::is_same_v<typename Job::scalar_type, float>);
+  const typename Job<scalar_t>::Scratch w(job.p.longest, job.p.d, !std::is_same_v<scalar_t, float>);
   for (; t >= 0; t = queue.claim()) {
     std::exception_ptr error;
     try {
