@@ -388,6 +388,18 @@ struct WorkerGuards {
 };
 
 // -------------------------------------------------------------------------------- forward
+struct ForwardScratch;
+
+// A forward call: the tensors of every task.
+template <typename scalar_t>
+struct Forward {
+  using Scratch = ForwardScratch;
+  const Problem& p;
+  const scalar_t *q, *k, *v;
+  scalar_t* out;
+  float* lse;
+};
+
 // One worker's fp32 scratch for the forward.
 struct ForwardScratch {
   std::unique_ptr<float[]> memory;
@@ -409,15 +421,6 @@ struct ForwardScratch {
   }
 };
 
-// A forward call: the tensors of every task.
-template <typename scalar_t>
-struct Forward {
-  using Scratch = ForwardScratch;
-  const Problem& p;
-  const scalar_t *q, *k, *v;
-  scalar_t* out;
-  float* lse;
-};
 
 // A forward task: out and lse of query rows [q_begin, q_end) of sequence b, head h.
 template <typename scalar_t>
@@ -485,6 +488,19 @@ BUS_INLINE void run_task(const Forward<scalar_t>& f, const Task& task, const For
 }
 
 // ------------------------------------------------------------------------------- backward
+struct BackwardScratch;
+
+// A backward call: the tensors of every task.
+template <typename scalar_t>
+struct Backward {
+  using Scratch = BackwardScratch;
+  const Problem& p;
+  const scalar_t *grad, *q, *k, *v, *out;
+  const float* lse;
+  scalar_t *dq, *dk, *dv;
+  float* dbias;  // fp32 [total, H], or null
+};
+
 // One worker's fp32 scratch for the backward.
 struct BackwardScratch {
   std::unique_ptr<float[]> memory;
@@ -512,16 +528,6 @@ struct BackwardScratch {
   }
 };
 
-// A backward call: the tensors of every task.
-template <typename scalar_t>
-struct Backward {
-  using Scratch = BackwardScratch;
-  const Problem& p;
-  const scalar_t *grad, *q, *k, *v, *out;
-  const float* lse;
-  scalar_t *dq, *dk, *dv;
-  float* dbias;  // fp32 [total, H], or null
-};
 
 // A backward task: dq, dk, dv (and the dbias column h) of every row of sequence b, head h.
 template <typename scalar_t>
