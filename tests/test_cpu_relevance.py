@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import bus_kernels as bk
 from bus_kernels import reference
-from conftest import TOL, require_backend
+from conftest import TOL, assert_exp_range, require_backend
 
 IMPLEMENTED = importlib.import_module("bus_kernels.ops.relevance").IMPLEMENTED
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -171,6 +171,34 @@ def test_large_common_offset_is_stable(dtype):
     dq64, dk64 = reference.relevance_scores_backward(g.double(), q.double(), k.double(), 8.0, None)
     torch.testing.assert_close(dq, dq64.to(dtype), **TOL[dtype])
     torch.testing.assert_close(dk, dk64.to(dtype), **TOL[dtype])
+
+
+EDGE_LOGITS = [0.0, -3.0, -10.0, -50.0, -87.0, -87.2, -87.3, -87.5, -88.0, -100.0, -150.0, -1e4, -1e30]
+
+
+def test_exp_range_of_very_negative_logits():
+    """logit - max from 0 down to -1e30 through the kernel's vectorised exp (csrc/cpu/vec8.h,
+    shared with varlen_attention): q = e_0 and k = logit * e_0 give the logits exactly, with
+    H = T = 1 every score is one probability, checked against the float64 reference (accurate
+    down to ln(FLT_MIN), flushed or exact below, never garbage). N = 13 also runs the padded tail
+    of the row (-inf) through exp. The second sample has the logits reversed."""
+    ops = _ops()
+    logits = torch.tensor([EDGE_LOGITS, EDGE_LOGITS[::-1]])
+    N = logits.shape[1]
+    q = torch.zeros(2, 1, 1, 8)
+    q[..., 0] = 1.0
+    k = torch.zeros(2, 1, N, 8)
+    k[:, 0, :, 0] = logits
+    s, lse = ops.relevance_scores(q, k, 1.0, None)
+    s64, _ = reference.relevance_scores(q.double(), k.double(), 1.0, None)
+    assert torch.isfinite(s).all()
+    assert_exp_range(s, s64)
+    g = torch.randn(2, N, generator=torch.Generator().manual_seed(6))
+    dq, dk = ops.relevance_scores_backward(g, q, k, lse, 1.0, None)
+    dq64, dk64 = reference.relevance_scores_backward(g.double(), q.double(), k.double(), 1.0, None)
+    assert torch.isfinite(dq).all() and torch.isfinite(dk).all()
+    torch.testing.assert_close(dq, dq64.float(), **TOL[torch.float32])
+    torch.testing.assert_close(dk, dk64.float(), **TOL[torch.float32])
 
 
 # --------------------------------------------------------------------- malformed direct calls

@@ -8,7 +8,7 @@ Tolerances are those of ``test_kernels_varlen_attention.py``.
 """
 import pytest
 import torch
-from conftest import TOL, require_backend
+from conftest import TOL, assert_exp_range, require_backend
 from hypothesis import given
 from hypothesis import strategies as st
 from test_kernels_varlen_attention import _assert_close
@@ -111,6 +111,49 @@ def test_threads_agree():
     for other in results[1:]:
         for name, g, w in zip(NAMES, other, results[0]):
             assert torch.equal(g, w), name
+
+
+# ------------------------------------------------------------------------------ exp's range
+# The kernel's vectorised exp (csrc/cpu/vec8.h, vexp) at the edges of its range: exp(-inf) = 0 for
+# -inf-masked keys (a clamp alone would give 1e-38 there, and a fully masked row a uniform softmax
+# instead of zeros), accurate down to ln(FLT_MIN) ~ -87.34, at most the true value below it, never
+# garbage from an out-of-range exponent. relevance_scores shares it (test_cpu_relevance.py).
+EDGE_BIAS = [0.0, -3.0, -10.0, -50.0, -87.0, -87.2, -87.3, -87.5, -88.0, -100.0, -150.0, -1e4, -1e30, float("-inf")]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_exp_range_of_masked_and_very_negative_logits(causal):
+    """q = 0 makes every logit the key bias exactly, and one-hot v rows make out[i, h, j] the
+    probability of key j, so each probability is checked on its own against the float64 reference.
+    Sequences: the edge logits, a wholly masked one, one whose first key is masked (with causal,
+    its first query sees no key), the edge logits reversed."""
+    n = len(EDGE_BIAS)
+    seqs = [EDGE_BIAS, [float("-inf")] * 3, [float("-inf"), 0.0, -90.0], EDGE_BIAS[::-1]]
+    lens = [len(b) for b in seqs]
+    total, H, d = sum(lens), 2, 16
+    cu = _cu(lens)
+    gen = torch.Generator().manual_seed(11)
+    q = torch.zeros(total, H, d)
+    k = torch.randn(total, H, d, generator=gen)
+    v = torch.zeros(total, H, d)
+    for b in range(len(lens)):
+        for j in range(lens[b]):
+            v[int(cu[b]) + j, :, j] = 1.0
+    bias = torch.tensor([x for b in seqs for x in b])
+    grad = torch.randn(total, H, d, generator=gen)
+    got = _run("cpu", *(t.clone().requires_grad_() for t in (q, k, v, bias)), grad, cu, n, causal)
+    want = _run("torch", *(t.double().requires_grad_() for t in (q, k, v, bias)), grad.double(), cu, n, causal)
+    assert torch.isfinite(got[0]).all()
+    assert_exp_range(got[0], want[0])
+    masked_rows = torch.arange(int(cu[1]), int(cu[2]))
+    assert (got[0][masked_rows] == 0).all()
+    if causal:  # the first query of the third sequence sees only its masked first key
+        assert (got[0][int(cu[2])] == 0).all()
+    _, lse = torch.ops.bus_kernels_C.varlen_attention(q, k, v, cu, n, 0.25, causal, bias)
+    assert (lse[masked_rows] == float("-inf")).all()
+    for name, g, w in zip(NAMES[1:], got[1:], want[1:]):
+        assert torch.isfinite(g).all(), name
+        _assert_close(g, w.float(), torch.float32, name)
 
 
 # --------------------------------------------------------------------------- malformed input

@@ -28,16 +28,11 @@ void copy_sequences(const char* src, char* dst, const int32_t* cu, int64_t B, in
 
 at::Tensor pack_cpu(const at::Tensor& x_in, const at::Tensor& cu_seqlens, int64_t total) {
   const char* op = "bus_kernels_C::pack";
-  TORCH_CHECK(x_in.dim() >= 2, op, ": x must be [B, L, ...], got ", x_in.sizes());
-  check_cu_seqlens_meta(op, cu_seqlens, x_in);
+  const std::vector<int64_t> shape = check_pack_args(op, x_in, cu_seqlens, total);
   const at::Tensor x = x_in.contiguous();
   const int64_t B = x.size(0), L = x.size(1);
-  TORCH_CHECK(cu_seqlens.numel() == B + 1, op, ": cu_seqlens must have B+1=", B + 1, " entries");
   const at::Tensor cu = cu_seqlens.contiguous();
   check_cu_seqlens_values(op, cu.data_ptr<int32_t>(), B, total, L);
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape.erase(shape.begin());
-  shape[0] = total;
   at::Tensor out = at::empty(shape, x.options());
   copy_sequences(static_cast<const char*>(x.data_ptr()), static_cast<char*>(out.data_ptr()),
                  cu.data_ptr<int32_t>(), B, L, row_bytes(x, 2), /*to_packed=*/true);
@@ -46,16 +41,11 @@ at::Tensor pack_cpu(const at::Tensor& x_in, const at::Tensor& cu_seqlens, int64_
 
 at::Tensor unpack_cpu(const at::Tensor& packed_in, const at::Tensor& cu_seqlens, int64_t max_seqlen) {
   const char* op = "bus_kernels_C::unpack";
-  TORCH_CHECK(packed_in.dim() >= 1, op, ": packed must be [total, ...], got ", packed_in.sizes());
-  TORCH_CHECK(max_seqlen >= 0, op, ": max_seqlen must be >= 0, got ", max_seqlen);
-  check_cu_seqlens_meta(op, cu_seqlens, packed_in);
+  const std::vector<int64_t> shape = check_unpack_args(op, packed_in, cu_seqlens, max_seqlen);
   const at::Tensor packed = packed_in.contiguous();
   const at::Tensor cu = cu_seqlens.contiguous();
   const int64_t B = cu.numel() - 1;
   check_cu_seqlens_values(op, cu.data_ptr<int32_t>(), B, packed.size(0), max_seqlen);
-  std::vector<int64_t> shape = packed.sizes().vec();
-  shape[0] = max_seqlen;
-  shape.insert(shape.begin(), B);
   at::Tensor out = at::zeros(shape, packed.options());
   copy_sequences(static_cast<const char*>(packed.data_ptr()), static_cast<char*>(out.data_ptr()),
                  cu.data_ptr<int32_t>(), B, max_seqlen, row_bytes(packed, 1), /*to_packed=*/false);

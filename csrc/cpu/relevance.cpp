@@ -8,12 +8,7 @@
 // the two small products dq = dL k and dk = dL^T q, each output element written once. (The lse
 // argument of the backward is validated but not needed: see backward_pair.)
 //
-// The extension is compiled without -march flags, yet the softmax needs a vectorised exp (a scalar
-// expf per logit costs more than the dots) and the dots want FMA. The hot code is therefore
-// written with GCC vector extensions (8 floats) and instantiated twice: for AVX2 + FMA and for the
-// x86-64 baseline, picked once from the CPU's feature bits. (target_clones("arch=haswell") would
-// test the CPU *model* and fall back to the baseline on AMD.) fp16/bf16 are widened and narrowed
-// with integer arithmetic, so neither variant needs F16C.
+// The hot code is compiled twice, for AVX2 + FMA and for the x86-64 baseline (see vec8.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -34,16 +29,7 @@
 #endif
 
 #include "../common.h"
-
-// The vector helpers below are always inlined, so their by-value vector arguments never cross a
-// real call boundary; the ABI note GCC prints for them does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define BUS_X86_DISPATCH 1
-#define BUS_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#endif
-#define BUS_INLINE inline __attribute__((always_inline))
+#include "vec8.h"
 
 #if defined(__clang__)
 #define BUS_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
@@ -54,11 +40,7 @@
 namespace bus_kernels {
 namespace {
 
-constexpr int64_t kLanes = 8;
-typedef float vf __attribute__((vector_size(32)));
-typedef int32_t vi __attribute__((vector_size(32)));
-typedef uint32_t vu __attribute__((vector_size(32)));
-typedef uint16_t vh __attribute__((vector_size(16)));
+using namespace vec8;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int64_t kStreamMinBytes = int64_t(8) << 20;
@@ -66,38 +48,6 @@ constexpr int64_t kStreamMinBytes = int64_t(8) << 20;
 BUS_INLINE int64_t round_up(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
 // ------------------------------------------------------------------------------ vector helpers
-// A lane-0 broadcast (one vbroadcastss). `vf{} + x` keeps a scalar add (+0.f is no identity for
-// -0.f); an eight-element initialiser and the two-operand shuffle both come out as insert chains.
-#if defined(__clang__)
-BUS_INLINE vf splat(float x) { return __builtin_shufflevector(vf{x}, vf{x}, 0, 0, 0, 0, 0, 0, 0, 0); }
-BUS_INLINE vu splat_u(uint32_t x) { return __builtin_shufflevector(vu{x}, vu{x}, 0, 0, 0, 0, 0, 0, 0, 0); }
-#else
-BUS_INLINE vf splat(float x) { return __builtin_shuffle(vf{x}, vi{}); }
-BUS_INLINE vu splat_u(uint32_t x) { return __builtin_shuffle(vu{x}, vi{}); }
-#endif
-
-BUS_INLINE vf loadu(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-BUS_INLINE void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-
-BUS_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
-
-BUS_INLINE float hsum(vf v) {
-  float s = 0.f;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
-  return s;
-}
-
-BUS_INLINE float hmax(vf v) {
-  float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
-  return m;
-}
-
 // Eight dot products from their lane-partial accumulators: a transpose-and-add tree, so the eight
 // logits of eight keys come out as one vector (stored contiguously) instead of eight horizontal sums.
 BUS_INLINE vf pair_sums(vf a, vf b) {
@@ -110,104 +60,6 @@ BUS_INLINE vf sum8(vf a0, vf a1, vf a2, vf a3, vf a4, vf a5, vf a6, vf a7) {
   const vf lo = quad_sums(pair_sums(a0, a1), pair_sums(a2, a3));  // [a0..a3 low half | high half]
   const vf hi = quad_sums(pair_sums(a4, a5), pair_sums(a6, a7));
   return BUS_SHUFFLE(lo, hi, 0, 1, 2, 3, 8, 9, 10, 11) + BUS_SHUFFLE(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15);
-}
-
-// exp with Cephes' expf polynomial (about 1 ulp). Results below FLT_MIN flush to 0 (the softmax
-// tail the reference also rounds away), above FLT_MAX give inf; NaN propagates.
-BUS_INLINE vf vexp(vf x) {
-  const vi under = x < -87.33654f;
-  const vi over = x > 88.72283f;
-  x = x < -87.33654f ? splat(-87.33654f) : x;
-  x = x > 88.37626f ? splat(88.37626f) : x;  // keeps n <= 127
-  // n = round(x / ln 2) by the 1.5 * 2^23 trick (|n| <= 128), r = x - n ln 2 in two steps.
-  vf n = x * 1.44269504088896341f + 12582912.f;
-  n = n - 12582912.f;
-  vf r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.f;
-  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-  vf y = p * (vf)e;
-  y = under ? splat(0.f) : y;
-  return over ? splat(kInf) : y;
-}
-
-// fp32 <-> storage dtype, 8 at a time. The integer formulas are c10's (fp16_ieee_to_fp32_value,
-// fp16_ieee_from_fp32_value, round_to_nearest_even), so results equal torch's conversions bit for bit.
-template <typename T>
-BUS_INLINE vf load8(const T* p);
-
-template <>
-BUS_INLINE vf load8<float>(const float* p) {
-  return loadu(p);
-}
-
-template <>
-BUS_INLINE vf load8<c10::BFloat16>(const c10::BFloat16* p) {
-  vh h;
-  std::memcpy(&h, p, sizeof h);
-  return (vf)(__builtin_convertvector(h, vu) << 16);
-}
-
-template <>
-BUS_INLINE vf load8<c10::Half>(const c10::Half* p) {
-  vh h;
-  std::memcpy(&h, p, sizeof h);
-  const vu w = __builtin_convertvector(h, vu) << 16;
-  const vu sign = w & 0x80000000u;
-  const vu two_w = w + w;
-  const vf normalized = (vf)((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-  const vf denormalized = (vf)((two_w >> 17) | (126u << 23)) - 0.5f;
-  const vu nonsign = two_w < (1u << 27) ? (vu)denormalized : (vu)normalized;
-  return (vf)(sign | nonsign);
-}
-
-template <typename T>
-BUS_INLINE void store8(T* p, vf v);
-
-template <>
-BUS_INLINE void store8<float>(float* p, vf v) {
-  storeu(p, v);
-}
-
-// fp32 -> the 16-bit patterns of bf16 / fp16.
-BUS_INLINE vh narrow8_bf16(vf v) {
-  const vu u = (vu)v;
-  vu r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  r = v != v ? splat_u(0x7FC0u) : r;
-  return __builtin_convertvector(r, vh);
-}
-
-BUS_INLINE vh narrow8_half(vf f) {
-  const vu w = (vu)f;
-  const vu shl1_w = w + w;
-  const vu sign = w & 0x80000000u;
-  const vf absf = (vf)(w & 0x7FFFFFFFu);
-  vf base = (absf * 0x1.0p+112f) * 0x1.0p-110f;
-  vu bias = shl1_w & 0xFF000000u;
-  bias = bias < 0x71000000u ? splat_u(0x71000000u) : bias;
-  base = (vf)((bias >> 1) + 0x07800000u) + base;
-  const vu bits = (vu)base;
-  const vu nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
-  const vu r = (sign >> 16) | (shl1_w > 0xFF000000u ? splat_u(0x7E00u) : nonsign);
-  return __builtin_convertvector(r, vh);
-}
-
-template <>
-BUS_INLINE void store8<c10::BFloat16>(c10::BFloat16* p, vf v) {
-  const vh h = narrow8_bf16(v);
-  std::memcpy(p, &h, sizeof h);
-}
-
-template <>
-BUS_INLINE void store8<c10::Half>(c10::Half* p, vf v) {
-  const vh h = narrow8_half(v);
-  std::memcpy(p, &h, sizeof h);
 }
 
 // Non-temporal stores for dk: it is as large as k, written once and not read back here, so
@@ -463,16 +315,29 @@ BUS_INLINE void forward_range_typed(const Problem& p, int64_t begin, int64_t end
   }
 }
 
+// Returns CALL with T the element type of `dtype` (float32, bfloat16 or float16: make_problem
+// checks). A macro, not a generic lambda: a lambda's body is a function of its own, and one that
+// the compiler leaves out of line is compiled for the baseline even when called from the
+// BUS_TARGET_AVX2 variant.
+#define BUS_DTYPE_SWITCH(dtype, CALL) \
+  switch (dtype) {                    \
+    case at::kFloat: {                \
+      using T = float;                \
+      return CALL;                    \
+    }                                 \
+    case at::kBFloat16: {             \
+      using T = c10::BFloat16;        \
+      return CALL;                    \
+    }                                 \
+    default: {                        \
+      using T = c10::Half;            \
+      return CALL;                    \
+    }                                 \
+  }
+
 BUS_INLINE void forward_range_body(const Problem& p, int64_t begin, int64_t end, bool per_sample, float* out,
                                    float* lse) {
-  switch (p.dtype) {
-    case at::kFloat:
-      return forward_range_typed<float>(p, begin, end, per_sample, out, lse);
-    case at::kBFloat16:
-      return forward_range_typed<c10::BFloat16>(p, begin, end, per_sample, out, lse);
-    default:
-      return forward_range_typed<c10::Half>(p, begin, end, per_sample, out, lse);
-  }
+  BUS_DTYPE_SWITCH(p.dtype, forward_range_typed<T>(p, begin, end, per_sample, out, lse));
 }
 
 template <typename T>
@@ -540,14 +405,7 @@ BUS_INLINE void backward_range_typed(const Problem& p, int64_t begin, int64_t en
 
 BUS_INLINE void backward_range_body(const Problem& p, int64_t begin, int64_t end, const float* grad,
                                     void* dq, void* dk) {
-  switch (p.dtype) {
-    case at::kFloat:
-      return backward_range_typed<float>(p, begin, end, grad, dq, dk);
-    case at::kBFloat16:
-      return backward_range_typed<c10::BFloat16>(p, begin, end, grad, dq, dk);
-    default:
-      return backward_range_typed<c10::Half>(p, begin, end, grad, dq, dk);
-  }
+  BUS_DTYPE_SWITCH(p.dtype, backward_range_typed<T>(p, begin, end, grad, dq, dk));
 }
 
 // The same bodies compiled for the baseline and for AVX2 + FMA.
@@ -567,14 +425,6 @@ BUS_TARGET_AVX2 void forward_range_avx2(const Problem& p, int64_t begin, int64_t
 BUS_TARGET_AVX2 void backward_range_avx2(const Problem& p, int64_t begin, int64_t end, const float* grad,
                                          void* dq, void* dk) {
   backward_range_body(p, begin, end, grad, dq, dk);
-}
-
-bool has_avx2_fma() {
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return yes;
 }
 #endif
 
@@ -628,9 +478,7 @@ Problem make_problem(const char* op, const at::Tensor& q, const at::Tensor& k,
   if (q_mask.has_value()) {
     const at::Tensor& m = *q_mask;
     check_cpu(op, "q_mask", m);
-    TORCH_CHECK(m.scalar_type() == at::kBool, op, ": q_mask must be bool, got ", m.scalar_type());
-    TORCH_CHECK(m.dim() == 2 && m.size(0) == p.B && m.size(1) == p.T, op, ": q_mask must be [B=", p.B,
-                ", T=", p.T, "], got ", m.sizes());
+    check_q_mask(op, m, p.B, p.T);
     const at::Tensor mc = m.contiguous();
     const bool* mask = mc.data_ptr<bool>();
     for (int64_t b = 0; b < p.B; ++b) {
@@ -683,11 +531,7 @@ std::tuple<at::Tensor, at::Tensor> relevance_scores_backward_cpu(const at::Tenso
   check_cpu(op, "grad", grad_in);
   check_cpu(op, "lse", lse_in);
   TORCH_CHECK(grad_in.scalar_type() == at::kFloat, op, ": grad must be float32, got ", grad_in.scalar_type());
-  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == p.B && grad_in.size(1) == p.N, op,
-              ": grad must be [B=", p.B, ", N=", p.N, "], got ", grad_in.sizes());
-  TORCH_CHECK(lse_in.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse_in.scalar_type());
-  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == p.B && lse_in.size(1) == p.H && lse_in.size(2) == p.T,
-              op, ": lse must be [B=", p.B, ", H=", p.H, ", T=", p.T, "], got ", lse_in.sizes());
+  check_grad_lse(op, grad_in, lse_in, p.B, p.H, p.T, p.N);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
   const at::Tensor grad = grad_in.contiguous();
   p.q = q.data_ptr();

@@ -124,6 +124,24 @@ void check_select_common(const char* op, const at::Tensor& x, const at::Tensor& 
               scores.sizes());
 }
 
+// The checked, contiguous x and scores of one call, its fuse mode and sizes (n = N - P rankable
+// tokens per row).
+struct Call {
+  at::Tensor x, scores;
+  Fuse fuse;
+  int64_t B, N, D, P, n;
+};
+
+// Checks and prepares the arguments all four ops share.
+Call prepare(const char* op, const at::Tensor& x_in, const at::Tensor& scores_in, int64_t num_prefix,
+             c10::string_view fuse_s) {
+  check_select_common(op, x_in, scores_in, num_prefix);
+  const Fuse fuse = parse_fuse(op, std::string_view(fuse_s.data(), fuse_s.size()));
+  const at::Tensor x = x_in.contiguous();
+  const int64_t N = x.size(1);
+  return {x, scores_in.contiguous(), fuse, x.size(0), N, x.size(2), num_prefix, N - num_prefix};
+}
+
 // One row's scores as fp32 in `buf` (scores are small next to x, so always copy).
 template <typename S>
 void load_scores(const S* src, int64_t n, std::vector<float>& buf) {
@@ -233,30 +251,40 @@ struct Rows {
   int64_t index(int64_t b) const { return offsets ? offsets[b] : b * k; }
 };
 
-// Ranks every row, writes its indices and tokens into `indices` and `out`.
-void select_forward(const at::Tensor& x, const at::Tensor& scores, int64_t P, Fuse fuse, bool by_score,
-                    const Rows& r, at::Tensor& out, at::Tensor& indices) {
-  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), n = N - P;
+// Runs body(T{}, S{}, b, kb, w) for every row b, rows in parallel: T and S are the element types
+// of x and scores, kb the row's keep count, w the task's scratch with the row's scores as fp32 in
+// w.s. Shared by the forward and the backward.
+template <typename F>
+void for_each_row(const at::Tensor& x, const at::Tensor& scores, int64_t P, const Rows& r,
+                  const F& body) {
+  const int64_t B = x.size(0), D = x.size(2), n = x.size(1) - P;
   BK_DISPATCH(x.scalar_type(), "select_tokens_cpu", [&] {
     using T = scalar_t;
     BK_DISPATCH(scores.scalar_type(), "select_scores", [&] {
       using S = scalar_t;
-      const T* xp = x.data_ptr<T>();
       const S* sp = scores.data_ptr<S>();
-      T* op_ = out.data_ptr<T>();
-      int64_t* ip = indices.data_ptr<int64_t>();
       at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
         Scratch w(D);
         for (int64_t b = b0; b < b1; ++b) {
-          const int64_t kb = r.count(b);
           load_scores(sp + b * n, n, w.s);
-          rank_top_k(w.s.data(), n, kb, by_score, w.cols);
-          for (int64_t i = 0; i < kb; ++i) ip[r.index(b) + i] = w.cols[i] + P;
-          select_row(xp + b * N * D, w.s.data(), n, D, P, kb, fuse, w.cols, w.kept, w.acc, w.xbuf,
-                     op_ + r.token(b) * D);
+          body(T{}, S{}, b, r.count(b), w);
         }
       });
     });
+  });
+}
+
+// Ranks every row, writes its indices and tokens into `indices` and `out`.
+void select_forward(const at::Tensor& x, const at::Tensor& scores, int64_t P, Fuse fuse, bool by_score,
+                    const Rows& r, at::Tensor& out, at::Tensor& indices) {
+  const int64_t N = x.size(1), D = x.size(2), n = N - P;
+  int64_t* ip = indices.data_ptr<int64_t>();
+  for_each_row(x, scores, P, r, [&](auto t, auto, int64_t b, int64_t kb, Scratch& w) {
+    using T = decltype(t);
+    rank_top_k(w.s.data(), n, kb, by_score, w.cols);
+    for (int64_t i = 0; i < kb; ++i) ip[r.index(b) + i] = w.cols[i] + P;
+    select_row(x.data_ptr<T>() + b * N * D, w.s.data(), n, D, P, kb, fuse, w.cols, w.kept, w.acc, w.xbuf,
+               out.data_ptr<T>() + r.token(b) * D);
   });
 }
 
@@ -264,30 +292,16 @@ void select_forward(const at::Tensor& x, const at::Tensor& scores, int64_t P, Fu
 void select_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scores,
                      const at::Tensor& indices, int64_t P, Fuse fuse, const Rows& r, at::Tensor& gx,
                      at::Tensor& gs) {
-  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), n = N - P;
-  BK_DISPATCH(x.scalar_type(), "select_tokens_backward_cpu", [&] {
-    using T = scalar_t;
-    BK_DISPATCH(scores.scalar_type(), "select_scores", [&] {
-      using S = scalar_t;
-      const T* xp = x.data_ptr<T>();
-      const T* gp = grad.data_ptr<T>();
-      const S* sp = scores.data_ptr<S>();
-      const int64_t* ip = indices.data_ptr<int64_t>();
-      T* gxp = gx.data_ptr<T>();
-      S* gsp = gs.data_ptr<S>();
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-        Scratch w(D);
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t kb = r.count(b);
-          load_scores(sp + b * n, n, w.s);
-          w.cols.resize(kb);
-          for (int64_t i = 0; i < kb; ++i) w.cols[i] = ip[r.index(b) + i] - P;
-          select_row_backward(gp + r.token(b) * D, xp + b * N * D, w.s.data(), n, D, P, kb, fuse,
-                              w.cols.data(), w.kept, w.gdot, w.gbuf, w.xbuf, w.rowbuf, gxp + b * N * D,
-                              gsp + b * n);
-        }
-      });
-    });
+  const int64_t N = x.size(1), D = x.size(2), n = N - P;
+  const int64_t* ip = indices.data_ptr<int64_t>();
+  for_each_row(x, scores, P, r, [&](auto t, auto s, int64_t b, int64_t kb, Scratch& w) {
+    using T = decltype(t);
+    using S = decltype(s);
+    w.cols.resize(kb);
+    for (int64_t i = 0; i < kb; ++i) w.cols[i] = ip[r.index(b) + i] - P;
+    select_row_backward(grad.data_ptr<T>() + r.token(b) * D, x.data_ptr<T>() + b * N * D, w.s.data(), n, D, P, kb,
+                        fuse, w.cols.data(), w.kept, w.gdot, w.gbuf, w.xbuf, w.rowbuf, gx.data_ptr<T>() + b * N * D,
+                        gs.data_ptr<S>() + b * n);
   });
 }
 
@@ -295,11 +309,8 @@ std::tuple<at::Tensor, at::Tensor> select_tokens_cpu(const at::Tensor& x_in, con
                                                      int64_t k, int64_t num_prefix, c10::string_view fuse_s,
                                                      c10::string_view order) {
   const char* op = "bus_kernels_C::select_tokens";
-  check_select_common(op, x_in, scores_in, num_prefix);
-  const Fuse fuse = parse_fuse(op, std::string_view(fuse_s.data(), fuse_s.size()));
+  const auto [x, scores, fuse, B, N, D, P, n] = prepare(op, x_in, scores_in, num_prefix, fuse_s);
   TORCH_CHECK(order == "index" || order == "score", op, ": order must be 'index' or 'score', got '", order, "'");
-  const at::Tensor x = x_in.contiguous(), scores = scores_in.contiguous();
-  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), P = num_prefix, n = N - P;
   TORCH_CHECK(k >= 1 && k <= n, op, ": k=", k, " must be in [1, N - num_prefix=", n, "]");
   const int64_t rows = P + k + (fuse != Fuse::kNone);
   at::Tensor out = at::empty({B, rows, D}, x.options());
@@ -323,10 +334,7 @@ std::tuple<at::Tensor, at::Tensor> select_tokens_backward_cpu(const at::Tensor& 
                                                               const at::Tensor& scores_in, const at::Tensor& indices_in,
                                                               int64_t num_prefix, c10::string_view fuse_s) {
   const char* op = "bus_kernels_C::select_tokens_backward";
-  check_select_common(op, x_in, scores_in, num_prefix);
-  const Fuse fuse = parse_fuse(op, std::string_view(fuse_s.data(), fuse_s.size()));
-  const at::Tensor x = x_in.contiguous(), scores = scores_in.contiguous();
-  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), P = num_prefix, n = N - P;
+  const auto [x, scores, fuse, B, N, D, P, n] = prepare(op, x_in, scores_in, num_prefix, fuse_s);
   TORCH_CHECK(indices_in.dim() == 2 && indices_in.size(0) == B && indices_in.scalar_type() == at::kLong &&
                   indices_in.size(1) <= n,
               op, ": indices must be int64 [B=", B, ", k <= ", n, "], got ", indices_in.scalar_type(), " ",
@@ -375,11 +383,8 @@ std::tuple<at::Tensor, at::Tensor> select_tokens_varlen_cpu(const at::Tensor& x_
                                                             const at::Tensor& keep_in, const at::Tensor& cu_in,
                                                             int64_t total, int64_t num_prefix, c10::string_view fuse_s) {
   const char* op = "bus_kernels_C::select_tokens_varlen";
-  check_select_common(op, x_in, scores_in, num_prefix);
-  const Fuse fuse = parse_fuse(op, std::string_view(fuse_s.data(), fuse_s.size()));
-  const at::Tensor x = x_in.contiguous(), scores = scores_in.contiguous();
+  const auto [x, scores, fuse, B, N, D, P, n] = prepare(op, x_in, scores_in, num_prefix, fuse_s);
   const at::Tensor keep = keep_in.contiguous(), cu = cu_in.contiguous();
-  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), P = num_prefix, n = N - P;
   const int64_t extra = P + (fuse != Fuse::kNone);
   const std::vector<int64_t> offsets = check_varlen(op, keep, cu, B, n, extra, total);
   at::Tensor out = at::empty({total, D}, x.options());
@@ -396,11 +401,8 @@ std::tuple<at::Tensor, at::Tensor> select_tokens_varlen_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& scores_in, const at::Tensor& indices_in,
     const at::Tensor& keep_in, const at::Tensor& cu_in, int64_t num_prefix, c10::string_view fuse_s) {
   const char* op = "bus_kernels_C::select_tokens_varlen_backward";
-  check_select_common(op, x_in, scores_in, num_prefix);
-  const Fuse fuse = parse_fuse(op, std::string_view(fuse_s.data(), fuse_s.size()));
-  const at::Tensor x = x_in.contiguous(), scores = scores_in.contiguous();
+  const auto [x, scores, fuse, B, N, D, P, n] = prepare(op, x_in, scores_in, num_prefix, fuse_s);
   const at::Tensor keep = keep_in.contiguous(), cu = cu_in.contiguous();
-  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), P = num_prefix, n = N - P;
   const int64_t extra = P + (fuse != Fuse::kNone);
   TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(1) == D && grad_in.scalar_type() == x.scalar_type() &&
                   grad_in.device() == x.device(),

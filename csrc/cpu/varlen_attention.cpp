@@ -11,9 +11,9 @@
 // (running max and sum, rescaling O) so scratch stays one [kBlockQ, kBlockK] tile whatever the
 // length. The backward recomputes P from the saved log-sum-exp, as flash attention does.
 //
-// The elementwise passes (exp, softmax, dS) are written with GCC vector extensions and compiled
-// twice, for AVX2 + FMA and for the baseline ISA, picked at run time: the extension is built with
-// plain -O3, and a scalar std::exp per logit would cost as much as the matrix products.
+// The elementwise passes (exp, softmax, dS) are written with the 8-float vectors of vec8.h and
+// compiled twice, for AVX2 + FMA and for the baseline ISA, picked at run time: the extension is
+// built with plain -O3, and a scalar std::exp per logit would cost as much as the matrix products.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -35,22 +35,12 @@
 #include <vector>
 
 #include "../common.h"
-
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define BUS_ATTN_X86 1
-#define BUS_ATTN_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define BUS_ATTN_X86 0
-#endif
-
-#define BUS_ATTN_INLINE inline __attribute__((always_inline))
-
-// The 32-byte vector helpers are always inlined, so no vector ever crosses a call boundary and
-// GCC's note about the AVX calling convention does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
+#include "vec8.h"
 
 namespace bus_kernels {
 namespace {
+
+using namespace vec8;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kPosInf = std::numeric_limits<float>::infinity();
@@ -61,128 +51,65 @@ constexpr float kPosInf = std::numeric_limits<float>::infinity();
 constexpr int64_t kBlockQ = 128;
 constexpr int64_t kBlockK = 256;
 
-// ------------------------------------------------------------------------------ vector helpers
-// 8 fp32 lanes: one AVX2 register, two SSE registers on the baseline build.
-typedef float vf __attribute__((vector_size(32)));
-typedef int32_t vi __attribute__((vector_size(32)));
-typedef uint32_t vu __attribute__((vector_size(32)));
-typedef uint16_t vh __attribute__((vector_size(16)));
-// Unaligned, aliasing views for loads and stores from plain arrays.
-typedef float vf_mem __attribute__((vector_size(32), aligned(4), may_alias));
-typedef uint16_t vh_mem __attribute__((vector_size(16), aligned(2), may_alias));
-constexpr int64_t kLanes = 8;
-
-BUS_ATTN_INLINE vf splat(float x) { return vf{} + x; }
-BUS_ATTN_INLINE vf load(const float* p) { return *reinterpret_cast<const vf_mem*>(p); }
-BUS_ATTN_INLINE void store(float* p, vf x) { *reinterpret_cast<vf_mem*>(p) = x; }
-BUS_ATTN_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
-
-BUS_ATTN_INLINE float hsum(vf x) {
-  float s = 0.f;
-  for (int i = 0; i < kLanes; ++i) s += x[i];
-  return s;
-}
-
-BUS_ATTN_INLINE float hmax(vf x) {
-  float m = x[0];
-  for (int i = 1; i < kLanes; ++i) m = x[i] > m ? x[i] : m;
-  return m;
-}
-
-// exp with Cephes' polynomial (about 1 ulp), 0 for x < -87 (so -inf gives 0; the flushed range
-// is below 1.7e-38), NaN kept. The AVX2 build contracts it to FMAs; the rounding trick for n
-// holds either way.
-BUS_ATTN_INLINE vf vexp(vf x) {
-  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  vf xc = x < -87.0f ? splat(-87.0f) : x;
-  xc = xc > 88.0f ? splat(88.0f) : xc;
-  const vf n = (xc * 1.44269504088896341f + magic) - magic;
-  const vf r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
-  const vf r2 = r * r;
-  vf y = splat(1.9875691500e-4f);
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r2 + r + 1.0f;
-  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-  const vf res = y * (vf)e;
-  return x < -87.0f ? splat(0.f) : res;
-}
-
-BUS_ATTN_INLINE float exp1(float x) { return vexp(splat(x))[0]; }
-
-BUS_ATTN_INLINE float dot(const float* a, const float* b, int64_t n) {
+// ------------------------------------------------------------------------------ row helpers
+BUS_INLINE float dot(const float* a, const float* b, int64_t n) {
   vf acc = splat(0.f);
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) acc += load(a + j) * load(b + j);
+  for (; j + kLanes <= n; j += kLanes) acc += loadu(a + j) * loadu(b + j);
   float s = hsum(acc);
   for (; j < n; ++j) s += a[j] * b[j];
   return s;
 }
 
-// fp32 <-> storage dtype for one row of `n` values. bf16 is vectorised by hand (a shift, and
-// c10's round-to-nearest-even on the way back); Half goes through c10's scalar conversion.
+// fp32 <-> storage dtype for one row of `n` values. fp32 and bf16 8 at a time (load8 / store8);
+// Half goes through c10's scalar conversion.
 template <typename scalar_t>
-BUS_ATTN_INLINE void row_to_float(const scalar_t* src, int64_t n, float* dst) {
+BUS_INLINE void row_to_float(const scalar_t* src, int64_t n, float* dst) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     std::memcpy(dst, src, n * sizeof(float));
   } else {
     int64_t j = 0;
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      for (; j + kLanes <= n; j += kLanes) {
-        const vh h = *reinterpret_cast<const vh_mem*>(src + j);
-        const vu u = __builtin_convertvector(h, vu) << 16;
-        store(dst + j, (vf)u);
-      }
+      for (; j + kLanes <= n; j += kLanes) storeu(dst + j, load8(src + j));
     }
     for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
   }
 }
 
 template <typename scalar_t>
-BUS_ATTN_INLINE void row_from_float(const float* src, int64_t n, float mul, scalar_t* dst) {
+BUS_INLINE void row_from_float(const float* src, int64_t n, float mul, scalar_t* dst) {
   int64_t j = 0;
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    for (; j + kLanes <= n; j += kLanes) store(dst + j, load(src + j) * mul);
-  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    for (; j + kLanes <= n; j += kLanes) {
-      const vf x = load(src + j) * mul;
-      const vu u = (vu)x;
-      vu r = (u + (((u >> 16) & 1u) + 0x7fffu)) >> 16;
-      r = x != x ? vu{} + 0x7fc0u : r;
-      *reinterpret_cast<vh_mem*>(dst + j) = __builtin_convertvector(r, vh);
-    }
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
+    for (; j + kLanes <= n; j += kLanes) store8(dst + j, loadu(src + j) * mul);
   }
   for (; j < n; ++j) dst[j] = static_cast<scalar_t>(src[j] * mul);
 }
 
 // `rows` rows of `cols` values, source rows `ld` apart, into contiguous fp32.
 template <typename scalar_t>
-BUS_ATTN_INLINE void rows_to_float(const scalar_t* src, int64_t ld, int64_t rows, int64_t cols, float* dst) {
+BUS_INLINE void rows_to_float(const scalar_t* src, int64_t ld, int64_t rows, int64_t cols, float* dst) {
   for (int64_t i = 0; i < rows; ++i) row_to_float(src + i * ld, cols, dst + i * cols);
 }
 
 // Keys of row i that causal masking leaves (query q0 + i sees keys <= q0 + i), within the tile
 // that starts at key k0: diag = q0 - k0.
-BUS_ATTN_INLINE int64_t visible(bool causal, int64_t i, int64_t diag, int64_t cols) {
+BUS_INLINE int64_t visible(bool causal, int64_t i, int64_t diag, int64_t cols) {
   return causal ? std::min(std::max<int64_t>(i + diag + 1, 0), cols) : cols;
 }
 
 // ------------------------------------------------------------------------ elementwise passes
 // Forward tile: turns raw dots S into P = exp(scale S + bias - m_new) in place, updating each
 // row's running max m and sum l; alpha = exp(m_old - m_new) rescales what O already holds.
-BUS_ATTN_INLINE void softmax_tile(float* s, int64_t rows, int64_t cols, float scale, const float* bias,
-                                  bool causal, int64_t diag, float* m, float* l, float* alpha) {
+BUS_INLINE void softmax_tile(float* s, int64_t rows, int64_t cols, float scale, const float* bias,
+                             bool causal, int64_t diag, float* m, float* l, float* alpha) {
   for (int64_t i = 0; i < rows; ++i) {
     float* row = s + i * cols;
     const int64_t valid = visible(causal, i, diag, cols);
     vf vmx = splat(kNegInf);
     int64_t j = 0;
     for (; j + kLanes <= valid; j += kLanes) {
-      const vf x = load(row + j) * scale + load(bias + j);
-      store(row + j, x);
+      const vf x = loadu(row + j) * scale + loadu(bias + j);
+      storeu(row + j, x);
       vmx = vmax(vmx, x);
     }
     float mx = hmax(vmx);
@@ -197,8 +124,8 @@ BUS_ATTN_INLINE void softmax_tile(float* s, int64_t rows, int64_t cols, float sc
     vf vsum = splat(0.f);
     j = 0;
     for (; j + kLanes <= valid; j += kLanes) {
-      const vf p = vexp(load(row + j) - m_use);
-      store(row + j, p);
+      const vf p = vexp(loadu(row + j) - m_use);
+      storeu(row + j, p);
       vsum += p;
     }
     if (j < valid) {
@@ -217,14 +144,14 @@ BUS_ATTN_INLINE void softmax_tile(float* s, int64_t rows, int64_t cols, float sc
 }
 
 // Backward tile: S -> P = exp(scale S + bias - lse) in place (lse = +inf for rows that saw no key).
-BUS_ATTN_INLINE void probs_tile(float* s, int64_t rows, int64_t cols, float scale, const float* bias,
-                                bool causal, int64_t diag, const float* lse) {
+BUS_INLINE void probs_tile(float* s, int64_t rows, int64_t cols, float scale, const float* bias,
+                           bool causal, int64_t diag, const float* lse) {
   for (int64_t i = 0; i < rows; ++i) {
     float* row = s + i * cols;
     const int64_t valid = visible(causal, i, diag, cols);
     const float li = lse[i];
     int64_t j = 0;
-    for (; j + kLanes <= valid; j += kLanes) store(row + j, vexp(load(row + j) * scale + load(bias + j) - li));
+    for (; j + kLanes <= valid; j += kLanes) storeu(row + j, vexp(loadu(row + j) * scale + loadu(bias + j) - li));
     if (j < valid) {
       vf x = splat(kNegInf);
       for (int64_t t = 0; t < valid - j; ++t) x[t] = row[j + t] * scale + bias[j + t] - li;
@@ -238,8 +165,8 @@ BUS_ATTN_INLINE void probs_tile(float* s, int64_t rows, int64_t cols, float scal
 // dP -> dS = P (dP - delta) in place; dbias (when given) accumulates the column sums. When the
 // tile holds each row's every key, delta = sum_j P_ij dP_ij is computed here from the tile, in
 // fp32 (`tile_delta`); otherwise it was computed from the output, delta_i = dO_i . O_i.
-BUS_ATTN_INLINE void dscores_tile(const float* p, float* dp, int64_t rows, int64_t cols, bool tile_delta,
-                                  float* delta, float* dbias) {
+BUS_INLINE void dscores_tile(const float* p, float* dp, int64_t rows, int64_t cols, bool tile_delta,
+                             float* delta, float* dbias) {
   for (int64_t i = 0; i < rows; ++i) {
     const float* prow = p + i * cols;
     float* row = dp + i * cols;
@@ -248,9 +175,9 @@ BUS_ATTN_INLINE void dscores_tile(const float* p, float* dp, int64_t rows, int64
     int64_t j = 0;
     if (dbias != nullptr) {
       for (; j + kLanes <= cols; j += kLanes) {
-        const vf ds = load(prow + j) * (load(row + j) - di);
-        store(row + j, ds);
-        store(dbias + j, load(dbias + j) + ds);
+        const vf ds = loadu(prow + j) * (loadu(row + j) - di);
+        storeu(row + j, ds);
+        storeu(dbias + j, loadu(dbias + j) + ds);
       }
       for (; j < cols; ++j) {
         const float ds = prow[j] * (row[j] - di);
@@ -258,7 +185,7 @@ BUS_ATTN_INLINE void dscores_tile(const float* p, float* dp, int64_t rows, int64
         dbias[j] += ds;
       }
     } else {
-      for (; j + kLanes <= cols; j += kLanes) store(row + j, load(prow + j) * (load(row + j) - di));
+      for (; j + kLanes <= cols; j += kLanes) storeu(row + j, loadu(prow + j) * (loadu(row + j) - di));
       for (; j < cols; ++j) row[j] = prow[j] * (row[j] - di);
     }
   }
@@ -296,7 +223,7 @@ __attribute__((noinline)) void gemm(bool trans_a, bool trans_b, int64_t m, int64
 
 // Splits n into the fewest tiles of at most `max_tile`, of near-equal size (a multiple of 8
 // where possible), so that no tile is a sliver that costs a BLAS call for little work.
-BUS_ATTN_INLINE int64_t tile_size(int64_t n, int64_t max_tile) {
+BUS_INLINE int64_t tile_size(int64_t n, int64_t max_tile) {
   if (n <= max_tile) return std::max<int64_t>(n, 1);
   const int64_t tiles = (n + max_tile - 1) / max_tile;
   const int64_t size = (n + tiles - 1) / tiles;
@@ -321,7 +248,7 @@ struct Problem {
 };
 
 // Key bias of sequence rows [start, start + n) for head h, as a contiguous fp32 row (zeros if none).
-BUS_ATTN_INLINE void gather_bias(const Problem& p, int64_t start, int64_t n, int64_t h, float* dst) {
+BUS_INLINE void gather_bias(const Problem& p, int64_t start, int64_t n, int64_t h, float* dst) {
   if (!p.has_bias) {
     std::fill(dst, dst + n, 0.f);
   } else if (p.bias_per_head) {
@@ -461,8 +388,12 @@ struct WorkerGuards {
 };
 
 // -------------------------------------------------------------------------------- forward
+struct ForwardScratch;
+
+// A forward call: the tensors of every task.
 template <typename scalar_t>
 struct Forward {
+  using Scratch = ForwardScratch;
   const Problem& p;
   const scalar_t *q, *k, *v;
   scalar_t* out;
@@ -490,8 +421,10 @@ struct ForwardScratch {
   }
 };
 
+
+// A forward task: out and lse of query rows [q_begin, q_end) of sequence b, head h.
 template <typename scalar_t>
-BUS_ATTN_INLINE void forward_task(const Forward<scalar_t>& f, const Task& task, const ForwardScratch& w) {
+BUS_INLINE void run_task(const Forward<scalar_t>& f, const Task& task, const ForwardScratch& w) {
   const Problem& p = f.p;
   const int64_t H = p.H, d = p.d, ld = H * d;
   const int64_t start = p.cu[task.b], n = int64_t(p.cu[task.b + 1]) - start, h = task.h;
@@ -554,37 +487,13 @@ BUS_ATTN_INLINE void forward_task(const Forward<scalar_t>& f, const Task& task, 
   }
 }
 
-// Runs task `t`, then claims more until none are left.
-template <typename scalar_t>
-BUS_ATTN_INLINE void forward_worker(const Forward<scalar_t>& f, TaskQueue& queue, int64_t t) {
-  WorkerGuards guards;
-  const ForwardScratch w(f.p.longest, f.p.d, !std::is_same_v<scalar_t, float>);
-  for (; t >= 0; t = queue.claim()) {
-    std::exception_ptr error;
-    try {
-      forward_task(f, f.p.tasks[t], w);
-    } catch (...) {
-      error = std::current_exception();
-    }
-    queue.finish(error);
-  }
-}
-
-template <typename scalar_t>
-void forward_worker_baseline(const Forward<scalar_t>& f, TaskQueue& queue, int64_t t) {
-  forward_worker(f, queue, t);
-}
-
-#if BUS_ATTN_X86
-template <typename scalar_t>
-BUS_ATTN_AVX2 void forward_worker_avx2(const Forward<scalar_t>& f, TaskQueue& queue, int64_t t) {
-  forward_worker(f, queue, t);
-}
-#endif
-
 // ------------------------------------------------------------------------------- backward
+struct BackwardScratch;
+
+// A backward call: the tensors of every task.
 template <typename scalar_t>
 struct Backward {
+  using Scratch = BackwardScratch;
   const Problem& p;
   const scalar_t *grad, *q, *k, *v, *out;
   const float* lse;
@@ -619,8 +528,10 @@ struct BackwardScratch {
   }
 };
 
+
+// A backward task: dq, dk, dv (and the dbias column h) of every row of sequence b, head h.
 template <typename scalar_t>
-BUS_ATTN_INLINE void backward_task(const Backward<scalar_t>& g, const Task& task, const BackwardScratch& w) {
+BUS_INLINE void run_task(const Backward<scalar_t>& g, const Task& task, const BackwardScratch& w) {
   constexpr bool kFloat = std::is_same_v<scalar_t, float>;
   const Problem& p = g.p;
   const int64_t H = p.H, d = p.d, ld = H * d;
@@ -697,14 +608,16 @@ BUS_ATTN_INLINE void backward_task(const Backward<scalar_t>& g, const Task& task
   }
 }
 
-template <typename scalar_t>
-BUS_ATTN_INLINE void backward_worker(const Backward<scalar_t>& g, TaskQueue& queue, int64_t t) {
+// ------------------------------------------------------------------------------- workers
+// Runs task `t` of `job` (a Forward or a Backward), then claims more until none are left.
+template <template <typename> class Job, typename scalar_t>
+BUS_INLINE void worker(const Job<scalar_t>& job, TaskQueue& queue, int64_t t) {
   WorkerGuards guards;
-  const BackwardScratch w(g.p.longest, g.p.d, !std::is_same_v<scalar_t, float>);
+  const typename Job<scalar_t>::Scratch w(job.p.longest, job.p.d, !std::is_same_v<scalar_t, float>);
   for (; t >= 0; t = queue.claim()) {
     std::exception_ptr error;
     try {
-      backward_task(g, g.p.tasks[t], w);
+      run_task(job, job.p.tasks[t], w);
     } catch (...) {
       error = std::current_exception();
     }
@@ -712,25 +625,30 @@ BUS_ATTN_INLINE void backward_worker(const Backward<scalar_t>& g, TaskQueue& que
   }
 }
 
-template <typename scalar_t>
-void backward_worker_baseline(const Backward<scalar_t>& g, TaskQueue& queue, int64_t t) {
-  backward_worker(g, queue, t);
+// The same worker compiled for the baseline and for AVX2 + FMA.
+template <typename Job>
+void worker_baseline(const Job& job, TaskQueue& queue, int64_t t) {
+  worker(job, queue, t);
 }
 
-#if BUS_ATTN_X86
-template <typename scalar_t>
-BUS_ATTN_AVX2 void backward_worker_avx2(const Backward<scalar_t>& g, TaskQueue& queue, int64_t t) {
-  backward_worker(g, queue, t);
+#ifdef BUS_X86_DISPATCH
+template <typename Job>
+BUS_TARGET_AVX2 void worker_avx2(const Job& job, TaskQueue& queue, int64_t t) {
+  worker(job, queue, t);
 }
 #endif
 
-bool have_avx2() {
-#if BUS_ATTN_X86
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
+// Runs every task of `job` on the calling thread and the pool, with the variant this CPU runs.
+template <typename Job>
+void run_job(const Job& job) {
+  const int64_t num_tasks = int64_t(job.p.tasks.size());
+#ifdef BUS_X86_DISPATCH
+  if (has_avx2_fma()) {
+    run_workers(num_tasks, [&](TaskQueue& queue, int64_t t) { worker_avx2(job, queue, t); });
+    return;
+  }
 #endif
+  run_workers(num_tasks, [&](TaskQueue& queue, int64_t t) { worker_baseline(job, queue, t); });
 }
 
 // ------------------------------------------------------------------------ argument checks
@@ -819,13 +737,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_cpu(const at::Tensor& q_in, 
     using scalar_t = decltype(tag);
     const Forward<scalar_t> f{p, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                               out.data_ptr<scalar_t>(), lse.data_ptr<float>()};
-#if BUS_ATTN_X86
-    if (have_avx2()) {
-      run_workers(int64_t(p.tasks.size()), [&](TaskQueue& queue, int64_t t) { forward_worker_avx2(f, queue, t); });
-      return;
-    }
-#endif
-    run_workers(int64_t(p.tasks.size()), [&](TaskQueue& queue, int64_t t) { forward_worker_baseline(f, queue, t); });
+    run_job(f);
   });
   return {out, lse};
 }
@@ -870,13 +782,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_attention_back
                                dk.data_ptr<scalar_t>(),
                                dv.data_ptr<scalar_t>(),
                                has_bias ? dbias_heads.data_ptr<float>() : nullptr};
-#if BUS_ATTN_X86
-    if (have_avx2()) {
-      run_workers(int64_t(p.tasks.size()), [&](TaskQueue& queue, int64_t t) { backward_worker_avx2(g, queue, t); });
-      return;
-    }
-#endif
-    run_workers(int64_t(p.tasks.size()), [&](TaskQueue& queue, int64_t t) { backward_worker_baseline(g, queue, t); });
+    run_job(g);
   });
   if (!has_bias) return {dq, dk, dv, at::empty({0}, q_in.options())};
   const at::Tensor summed = p.bias_per_head ? dbias_heads : dbias_heads.sum(1);

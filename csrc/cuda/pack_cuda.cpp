@@ -6,28 +6,19 @@
 #include <torch/library.h>
 
 #include "../common.h"
+#include "cuda_checks.h"
 #include "launchers.h"
 
 namespace bus_kernels {
 namespace {
 
-void check_launch(const char* op, cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
-}
-
 at::Tensor pack_cuda(const at::Tensor& x_in, const at::Tensor& cu_seqlens, int64_t total) {
   const char* op = "bus_kernels_C::pack";
-  TORCH_CHECK(x_in.dim() >= 2, op, ": x must be [B, L, ...], got ", x_in.sizes());
-  TORCH_CHECK(total >= 0, op, ": total must be >= 0, got ", total);
-  check_cu_seqlens_meta(op, cu_seqlens, x_in);
+  const std::vector<int64_t> shape = check_pack_args(op, x_in, cu_seqlens, total);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor cu = cu_seqlens.contiguous();
   const int64_t B = x.size(0), L = x.size(1);
-  TORCH_CHECK(cu.numel() == B + 1, op, ": cu_seqlens must have B+1=", B + 1, " entries");
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape.erase(shape.begin());
-  shape[0] = total;
   // Zero-filled so that rows a malformed cu_seqlens would skip never hold garbage.
   at::Tensor out = at::zeros(shape, x.options());
   check_launch(op, launch_copy_rows(x.data_ptr(), out.data_ptr(), cu.data_ptr<int32_t>(), B, L,
@@ -38,16 +29,11 @@ at::Tensor pack_cuda(const at::Tensor& x_in, const at::Tensor& cu_seqlens, int64
 
 at::Tensor unpack_cuda(const at::Tensor& packed_in, const at::Tensor& cu_seqlens, int64_t max_seqlen) {
   const char* op = "bus_kernels_C::unpack";
-  TORCH_CHECK(packed_in.dim() >= 1, op, ": packed must be [total, ...], got ", packed_in.sizes());
-  TORCH_CHECK(max_seqlen >= 0, op, ": max_seqlen must be >= 0, got ", max_seqlen);
-  check_cu_seqlens_meta(op, cu_seqlens, packed_in);
+  const std::vector<int64_t> shape = check_unpack_args(op, packed_in, cu_seqlens, max_seqlen);
   const c10::cuda::CUDAGuard guard(packed_in.device());
   const at::Tensor packed = packed_in.contiguous();
   const at::Tensor cu = cu_seqlens.contiguous();
   const int64_t B = cu.numel() - 1;
-  std::vector<int64_t> shape = packed.sizes().vec();
-  shape[0] = max_seqlen;
-  shape.insert(shape.begin(), B);
   at::Tensor out = at::zeros(shape, packed.options());
   check_launch(op, launch_copy_rows(packed.data_ptr(), out.data_ptr(), cu.data_ptr<int32_t>(), B,
                                     max_seqlen, row_bytes(packed, 1), packed.size(0),

@@ -9,26 +9,12 @@
 #include <limits>
 #include <optional>
 
+#include "../common.h"
+#include "cuda_checks.h"
 #include "launchers.h"
 
 namespace bus_kernels {
 namespace {
-
-void check_launch(const char* op, cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
-}
-
-DType dtype_code(const char* op, const at::Tensor& q) {
-  switch (q.scalar_type()) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: break;
-  }
-  TORCH_CHECK(false, op, ": q must be float32, float16 or bfloat16 (float64 runs on the 'torch' backend), got ",
-              q.scalar_type());
-  return DType::kFloat32;
-}
 
 void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
@@ -47,9 +33,7 @@ RelevanceShape check_inputs(const char* op, const at::Tensor& q, const at::Tenso
               k.scalar_type());
   if (q_mask.has_value() && q_mask->defined()) {
     check_same_device(op, "q_mask", *q_mask, q);
-    TORCH_CHECK(q_mask->scalar_type() == at::kBool, op, ": q_mask must be bool, got ", q_mask->scalar_type());
-    TORCH_CHECK(q_mask->dim() == 2 && q_mask->size(0) == q.size(0) && q_mask->size(1) == q.size(2), op,
-                ": q_mask must be [B=", q.size(0), ", T=", q.size(2), "], got ", q_mask->sizes());
+    check_q_mask(op, *q_mask, q.size(0), q.size(2));
   }
   RelevanceShape s{};
   s.B = q.size(0);
@@ -58,7 +42,7 @@ RelevanceShape check_inputs(const char* op, const at::Tensor& q, const at::Tenso
   s.N = k.size(2);
   s.d = q.size(3);
   s.scale = static_cast<float>(scale);
-  s.dtype = dtype_code(op, q);
+  s.dtype = dtype_code(op, "q", q);
   return s;
 }
 
@@ -107,13 +91,9 @@ std::tuple<at::Tensor, at::Tensor> relevance_scores_backward_cuda(const at::Tens
   const char* op = "bus_kernels_C::relevance_scores_backward";
   const RelevanceShape s = check_inputs(op, q_in, k_in, q_mask, scale);
   check_same_device(op, "grad", grad_in, q_in);
-  TORCH_CHECK(at::isFloatingType(grad_in.scalar_type()), op, ": grad must be floating, got ", grad_in.scalar_type());
-  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == s.B && grad_in.size(1) == s.N, op, ": grad must be [B=", s.B,
-              ", N=", s.N, "], got ", grad_in.sizes());
   check_same_device(op, "lse", lse_in, q_in);
-  TORCH_CHECK(lse_in.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse_in.scalar_type());
-  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == s.B && lse_in.size(1) == s.H && lse_in.size(2) == s.T, op,
-              ": lse must be [B=", s.B, ", H=", s.H, ", T=", s.T, "], got ", lse_in.sizes());
+  TORCH_CHECK(at::isFloatingType(grad_in.scalar_type()), op, ": grad must be floating, got ", grad_in.scalar_type());
+  check_grad_lse(op, grad_in, lse_in, s.B, s.H, s.T, s.N);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = q_in.contiguous();
   const at::Tensor k = k_in.contiguous();

@@ -16,28 +16,13 @@
 #include <string_view>
 
 #include "../common.h"
+#include "cuda_checks.h"
 #include "launchers.h"
 
 namespace bus_kernels {
 namespace {
 
 constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
-
-void check_launch(const char* op, cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
-}
-
-DType dtype_code(const char* op, const char* name, const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: break;
-  }
-  TORCH_CHECK(false, op, ": ", name, " must be float32, float16 or bfloat16 (float64 runs on the 'torch' backend), got ",
-              t.scalar_type());
-  return DType::kFloat32;
-}
 
 void check_cuda(const char* op, const char* name, const at::Tensor& t, const at::Device& device) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
