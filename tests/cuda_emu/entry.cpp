@@ -8,35 +8,16 @@
 using namespace bus_kernels;
 
 namespace {
+// Aggregates in launchers.h's field order.
 SelectShape select_shape(int64_t B, int64_t N, int64_t D, int64_t P, int64_t k, const int64_t* keep,
                          const int32_t* cu, int64_t out_rows, int64_t num_kept, int fuse, int x_dtype, int s_dtype) {
-  SelectShape s{};
-  s.B = B;
-  s.N = N;
-  s.D = D;
-  s.num_prefix = P;
-  s.k = k;
-  s.keep = keep;
-  s.cu_seqlens = cu;
-  s.out_rows = out_rows;
-  s.num_kept = num_kept;
-  s.has_fuse = fuse != 0;
-  s.fuse_mean = fuse == 2;
-  s.x_dtype = static_cast<DType>(x_dtype);
-  s.scores_dtype = static_cast<DType>(s_dtype);
-  return s;
+  return SelectShape{B, N, D, P, k, keep, cu, out_rows, num_kept, fuse != 0, fuse == 2,
+                     static_cast<DType>(x_dtype), static_cast<DType>(s_dtype)};
 }
 RelevanceShape relevance_shape(int64_t B, int64_t H, int64_t T, int64_t N, int64_t d, float scale, int dtype) {
-  RelevanceShape s{};
-  s.B = B;
-  s.H = H;
-  s.T = T;
-  s.N = N;
-  s.d = d;
-  s.scale = scale;
-  s.dtype = static_cast<DType>(dtype);
-  return s;
+  return RelevanceShape{B, H, T, N, d, scale, static_cast<DType>(dtype)};
 }
+
 int done(cudaError_t e) {
   if (e == cudaSuccess) ::emu::state().message.clear();
   return static_cast<int>(e);
