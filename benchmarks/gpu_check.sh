@@ -112,9 +112,10 @@ EOF
   # ptxas -v output (registers/spills of the CUDA kernels) goes to build.log; its summary to the log.
   stage build 110 bash -c "$PY setup.py build_ext --inplace > '$OUT/build.log' 2>&1; rc=\$?; tail -3 '$OUT/build.log'; grep -E 'ptxas info *: Used|spill' '$OUT/build.log' | sort | uniq -c | sort -rn | head -6; exit \$rc"
   # The CPU-only checks stay in CI: the compile check (stage compilecheck verifies it against the
-  # JIT here) and the dry run of this script.
+  # JIT here), the dry run of this script and the CUDA host emulator (the real kernels run here).
   stage tests 130 "$PY" -m pytest tests -q -p no:cacheprovider -p benchmarks.gpu_pytest_syncs --maxfail=30 -W default \
-    -m "not slow" --ignore=tests/test_triton_compile.py --ignore=tests/test_gpu_check.py
+    -m "not slow" --ignore=tests/test_triton_compile.py --ignore=tests/test_gpu_check.py \
+    --ignore=tests/test_cuda_emulated.py
   stage syncs 30 "$PY" benchmarks/gpu_bench.py syncs --out "$OUT"
   stage memcheck 40 "${SANITIZE[@]}" --tool memcheck "$PY" benchmarks/gpu_bench.py sanitize
   stage racecheck 40 "${SANITIZE[@]}" --tool racecheck "$PY" benchmarks/gpu_bench.py sanitize
