@@ -41,7 +41,9 @@
 //      and dot[b, j] = <g_fused, x_j> for dropped rows (fp32, warp butterfly reduction).
 //   3. select_bwd_scores_kernel, grid (B): grad_scores = dot ("sum") or (dot - <g, fused>) / S
 //      ("mean", with <g, fused> = sum_i coef_i dot_i, 0 if S == 0) for dropped columns, 0 for kept.
-// Every reduction has a fixed order (no float atomics): results are bitwise reproducible.
+// Every reduction has a fixed order (no float atomics): results are bitwise reproducible from run
+// to run for a given shape and pointer alignment (the fused row's summation order follows the
+// vector width, chosen from the alignment, and the number of row splits, chosen from B and D).
 #include <cub/block/block_scan.cuh>
 
 #include <cuda_runtime.h>
@@ -631,15 +633,19 @@ void launch_bwd_rows(const SelectShape& s, const void* grad, const void* x, void
       static_cast<typename E::raw*>(grad_x), w.slot, w.coef, w.dot);
 }
 
-bool grid_ok(const SelectShape& s) { return s.B <= 0x7fffffff && s.N - s.num_prefix <= 0x7fffffff; }
+// B on grid.x; N (not only n) below 2^31: the gather stages output rows within a sample as int32.
+bool grid_ok(const SelectShape& s) { return s.B <= 0x7fffffff && s.N <= 0x7fffffff; }
 
 }  // namespace
 
 int64_t select_gather_partial_floats(const SelectShape& s) {
   if (!s.has_fuse || s.B == 0 || s.D == 0 || !grid_ok(s)) return 0;
-  // An upper bound whatever vector width the call takes: at most one split per kStageRows rows.
-  const int64_t max_splits = (s.N + kStageRows - 1) / kStageRows;
-  return max_splits > 1 ? max_splits * s.B * s.D : 0;
+  // An upper bound whatever vector width the call takes: at most one split per kStageRows rows,
+  // and no more than the target blocks need with one D tile (gather_rows_per_split).
+  int64_t splits = (s.N + kStageRows - 1) / kStageRows;
+  const int64_t by_blocks = (kGatherTargetBlocks + s.B - 1) / s.B;
+  splits = splits < by_blocks ? splits : by_blocks;
+  return splits > 1 ? splits * s.B * s.D : 0;
 }
 
 cudaError_t launch_select_forward(const SelectShape& s, const void* x, const void* scores, void* tokens,

@@ -52,7 +52,7 @@ int64_t check_x_scores(const char* op, const at::Tensor& x, const at::Tensor& sc
   TORCH_CHECK(scores.dim() == 2 && scores.size(0) == B && scores.size(1) == n, op, ": scores must be [B=", B,
               ", N - num_prefix=", n, "], got ", scores.sizes());
   TORCH_CHECK(B <= kInt32Max, op, ": B=", B, " rows exceed the kernel grid (at most ", kInt32Max, ")");
-  TORCH_CHECK(n <= kInt32Max, op, ": N - num_prefix=", n, " exceeds ", kInt32Max, " rankable tokens");
+  TORCH_CHECK(N <= kInt32Max, op, ": N=", N, " exceeds ", kInt32Max, " tokens a row");
   return n;
 }
 
@@ -120,13 +120,13 @@ SelectScratch make_scratch(const at::TensorOptions& opt, int64_t B, int64_t n, b
   keep_alive.push_back(at::empty({with_dot ? B : 0, n}, opt.dtype(at::kFloat)));
   keep_alive.push_back(at::empty({B}, opt.dtype(at::kFloat)));
   keep_alive.push_back(at::empty({kept_tmp}, opt.dtype(at::kLong)));
+  keep_alive.push_back(at::empty({fuse_partial}, opt.dtype(at::kFloat)));
   SelectScratch w{};
   w.slot = keep_alive[0].data_ptr<int32_t>();
   w.coef = keep_alive[1].data_ptr<float>();
   w.dot = with_dot ? keep_alive[2].data_ptr<float>() : nullptr;
   w.dropped_sum = keep_alive[3].data_ptr<float>();
   w.kept_tmp = kept_tmp > 0 ? keep_alive[4].data_ptr<int64_t>() : nullptr;
-  keep_alive.push_back(at::empty({fuse_partial}, opt.dtype(at::kFloat)));
   w.fuse_partial = fuse_partial > 0 ? keep_alive[5].data_ptr<float>() : nullptr;
   return w;
 }

@@ -107,13 +107,15 @@ def _select_fwd(x, scores, k, P, fuse, score_order, keep, cu, out_rows, num_kept
     indices = Guarded((num_kept,), torch.int64, "indices", must_write=must_write)
     w = _scratch(B, n, False, B * k if score_order else 0)
     lib().emu_select_partial_floats.restype = ctypes.c_int64
-    partial = torch.empty(lib().emu_select_partial_floats(_I64(B), _I64(N), _I64(D), _I64(P), _fuse_code(fuse),
-                                                          DTYPE_CODE[x.dtype]), dtype=torch.float32)
+    partial = Guarded((lib().emu_select_partial_floats(_I64(B), _I64(N), _I64(D), _I64(P), _fuse_code(fuse),
+                                                       DTYPE_CODE[x.dtype]),), torch.float32, "fuse_partial",
+                      must_write=False)
     _run(lib().emu_select_forward(
         _I64(B), _I64(N), _I64(D), _I64(P), _I64(k), _ptr(keep), _ptr(cu), _I64(out_rows), _I64(num_kept),
         _fuse_code(fuse), DTYPE_CODE[x.dtype], DTYPE_CODE[scores.dtype], _ptr(x), _ptr(scores), _ptr(tokens.t),
         _ptr(indices.t), int(score_order), _ptr(w["slot"]), _ptr(w["coef"]), None, _ptr(w["dropped_sum"]),
-        _ptr(w["kept_tmp"]) if score_order else None, _ptr(partial) if partial.numel() else None))
+        _ptr(w["kept_tmp"]) if score_order else None, _ptr(partial.t) if partial.t.numel() else None))
+    partial.check()
     return tokens.check(), indices.check()
 
 

@@ -1,5 +1,5 @@
 // cub::BlockScan for the emulator: the sums cub computes (ExclusiveSum / InclusiveSum, with the
-// block aggregate), through a staged array and two barriers, as every thread must reach them.
+// block aggregate), through a staged array and one barrier; every thread must reach it.
 #pragma once
 #include "../../../emu.h"
 
@@ -23,7 +23,8 @@ class BlockScan {
     for (int i = 0; i < tid; ++i) acc = acc + t_.v[i];
     T all = acc;
     for (int i = tid; i < BLOCK_THREADS; ++i) all = all + t_.v[i];
-    __syncthreads();
+    // No barrier after the reads: like cub, a second use of the same TempStorage needs the
+    // caller's __syncthreads() first (without it, a resume order exposes the overwrite).
     out = acc;
     aggregate = all;
   }
