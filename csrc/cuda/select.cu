@@ -110,6 +110,13 @@ __device__ __forceinline__ RowLayout row_layout(const SelectShape& s, int64_t b,
   return r;
 }
 
+// v / S for fuse="mean" (0 when the dropped-score sum S is 0), v for "sum": the fused row's
+// scaling, and a dropped column's coefficient in the backward. A division, not a multiply by
+// 1/S: 1/S overflows for tiny S.
+__device__ __forceinline__ float fuse_scale(bool mean, float v, float S) {
+  return mean ? (S != 0.0f ? __fdiv_rn(v, S) : 0.0f) : v;
+}
+
 // ---------------------------------------------------------------------------------- forward
 
 // Row b of the scratch and scores, as the rank-side kernels (one block per row) see it.
@@ -416,7 +423,7 @@ __global__ void __launch_bounds__(kGatherThreads)
           V f;
 #pragma unroll
           for (int i = 0; i < VEC; ++i) {
-            const float val = s.fuse_mean ? (denom != 0.0f ? __fdiv_rn(tot[i], denom) : 0.0f) : tot[i];
+            const float val = fuse_scale(s.fuse_mean, tot[i], denom);
             f.v[i] = E::from(val);
           }
           o[(P + r.kb) * units + u] = f;
@@ -443,7 +450,7 @@ __global__ void __launch_bounds__(kFuseThreads)
   float tot = 0.0f;
   for (int z = 0; z < splits; ++z) tot += fuse_partial[(int64_t(z) * s.B + b) * s.D + col];
   const float denom = dropped_sum[b];
-  const float val = s.fuse_mean ? (denom != 0.0f ? __fdiv_rn(tot, denom) : 0.0f) : tot;
+  const float val = fuse_scale(s.fuse_mean, tot, denom);
   out[(r.base + s.num_prefix + r.kb) * s.D + col] = E::from(val);
 }
 
@@ -484,8 +491,7 @@ __global__ void __launch_bounds__(kRankThreads)
     float c = 0.0f;
     if (slot_row[j] < 0) {
       const float sc = S::to(srow[j]);
-      // Divide by S rather than multiply by 1/S (1/S overflows for tiny S).
-      c = s.fuse_mean ? (total != 0.0f ? __fdiv_rn(sc, total) : 0.0f) : sc;
+      c = fuse_scale(s.fuse_mean, sc, total);
     }
     coef_row[j] = c;
   }
@@ -639,12 +645,10 @@ bool grid_ok(const SelectShape& s) { return s.B <= 0x7fffffff && s.N <= 0x7fffff
 }  // namespace
 
 int64_t select_gather_partial_floats(const SelectShape& s) {
-  if (!s.has_fuse || s.B == 0 || s.D == 0 || !grid_ok(s)) return 0;
-  // An upper bound whatever vector width the call takes: at most one split per kStageRows rows,
-  // and no more than the target blocks need with one D tile (gather_rows_per_split).
-  int64_t splits = (s.N + kStageRows - 1) / kStageRows;
-  const int64_t by_blocks = (kGatherTargetBlocks + s.B - 1) / s.B;
-  splits = splits < by_blocks ? splits : by_blocks;
+  if (!s.has_fuse || s.B == 0 || s.N == 0 || s.D == 0 || !grid_ok(s)) return 0;
+  // Whatever vector width the call takes, one D tile gives the fewest blocks, so the most splits.
+  const int64_t rows = gather_rows_per_split(s, 1);
+  const int64_t splits = (s.N + rows - 1) / rows;
   return splits > 1 ? splits * s.B * s.D : 0;
 }
 
