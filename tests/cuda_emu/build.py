@@ -90,6 +90,7 @@ def load(out_dir: Path | None = None) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(build(out_dir)))
     lib.emu_message.restype = ctypes.c_char_p
     lib.emu_launches.restype = ctypes.c_int64
+    lib.emu_select_partial_floats.restype = ctypes.c_int64
     return lib
 
 

@@ -26,7 +26,7 @@ int done(cudaError_t e) {
 
 extern "C" {
 const char* emu_message() { return ::emu::state().message.c_str(); }
-int64_t emu_launches() { return ::emu::stats().launches; }
+int64_t emu_launches() { return ::emu::launches(); }
 void emu_set_schedule(int mode, uint64_t seed) {
   ::emu::schedule().mode = static_cast<::emu::Schedule>(mode);
   ::emu::schedule().seed = seed;

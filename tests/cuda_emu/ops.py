@@ -9,10 +9,13 @@ unwritten), else ``EmulationError``. Arguments are CPU tensors.
 from __future__ import annotations
 
 import ctypes
+import math
 from functools import lru_cache
 
 import torch
 from torch import Tensor
+
+from bus_kernels.reference.relevance import _token_weights
 
 from . import build
 
@@ -58,9 +61,7 @@ class Guarded:
         self.name, self.must_write = name, must_write
         esz = torch.empty((), dtype=dtype).element_size()
         g = GUARD_BYTES // esz
-        numel = 1
-        for s in shape:
-            numel *= int(s)
+        numel = math.prod(int(s) for s in shape)
         self.buf = torch.full((numel + 2 * g + misalign,), _sentinel(dtype), dtype=dtype)
         self.lo, self.hi = g + misalign, g + misalign + numel
         self.t = self.buf[self.lo : self.hi].view(*shape)
@@ -106,7 +107,6 @@ def _select_fwd(x, scores, k, P, fuse, score_order, keep, cu, out_rows, num_kept
     tokens = Guarded((out_rows, D), x.dtype, "tokens", misalign, must_write)
     indices = Guarded((num_kept,), torch.int64, "indices", must_write=must_write)
     w = _scratch(B, n, False, B * k if score_order else 0)
-    lib().emu_select_partial_floats.restype = ctypes.c_int64
     partial = Guarded((lib().emu_select_partial_floats(_I64(B), _I64(N), _I64(D), _I64(P), _fuse_code(fuse),
                                                        DTYPE_CODE[x.dtype]),), torch.float32, "fuse_partial",
                       must_write=False)
@@ -169,13 +169,6 @@ def select_tokens_varlen_backward(grad, x, scores, indices, keep, cu_seqlens, nu
                        keep.contiguous(), cu_seqlens.contiguous(), 0, grad.shape[0], misalign)
 
 
-def _token_weights(B: int, H: int, T: int, q_mask: Tensor | None) -> Tensor:
-    if q_mask is None:
-        return torch.full((B, T), 1.0 / (H * T), dtype=torch.float32)
-    m = q_mask.float()
-    return (m / (m.sum(1, keepdim=True) * H)).contiguous()
-
-
 def relevance_scores(q: Tensor, k: Tensor, scale: float, q_mask: Tensor | None = None):
     """As ``bus_kernels_C::relevance_scores`` on CUDA: (scores fp32 [B, N], lse fp32 [B, H, T])."""
     q, k = q.contiguous(), k.contiguous()
@@ -183,7 +176,7 @@ def relevance_scores(q: Tensor, k: Tensor, scale: float, q_mask: Tensor | None =
     N = k.shape[2]
     scores = Guarded((B, N), torch.float32, "scores")
     lse = Guarded((B, H, T), torch.float32, "lse")
-    w = _token_weights(B, H, T, q_mask)
+    w = _token_weights(q, q_mask, torch.float32).contiguous()  # as the wrapper: mask / (H * count)
     _run(lib().emu_relevance_forward(_I64(B), _I64(H), _I64(T), _I64(N), _I64(d), ctypes.c_float(scale),
                                      DTYPE_CODE[q.dtype], _ptr(q), _ptr(k), _ptr(w), _ptr(scores.t), _ptr(lse.t)))
     return scores.check(), lse.check()
@@ -198,7 +191,7 @@ def relevance_scores_backward(grad: Tensor, q: Tensor, k: Tensor, lse: Tensor, s
     dq = Guarded(q.shape, q.dtype, "dq")
     dk = Guarded(k.shape, k.dtype, "dk")
     row = torch.empty((B, H, T), dtype=torch.float32)
-    w = _token_weights(B, H, T, q_mask)
+    w = _token_weights(q, q_mask, torch.float32).contiguous()  # as the wrapper: mask / (H * count)
     _run(lib().emu_relevance_backward(_I64(B), _I64(H), _I64(T), _I64(N), _I64(d), ctypes.c_float(scale),
                                       DTYPE_CODE[q.dtype], _ptr(q), _ptr(k), _ptr(w), _ptr(lse), _ptr(grad),
                                       _ptr(row), _ptr(dq.t), _ptr(dk.t)))
