@@ -31,6 +31,25 @@ TOL = {
 }
 
 
+def close_as(actual, expected, dtype, what):
+    """assert_close at the table's tolerance for ``dtype``, compared in fp32, naming ``what``."""
+    torch.testing.assert_close(actual.float(), expected.float(), **TOL[dtype], msg=lambda m: f"{what}: {m}")
+
+
+def select_scores(gen, B, n, kind, dtype):
+    """[B, n] scores for the selectors: "ties" (few values, -0.0 next to +0.0), "zeros" (only
+    +-0.0: the choice is the lowest indices), else positive relevance-like values."""
+    if kind == "ties":
+        s = torch.randint(0, 3, (B, n), generator=gen).float()
+        flip = torch.rand(B, n, generator=gen) < 0.5
+        s = torch.where((s == 0) & flip, -0.0, s)
+    elif kind == "zeros":
+        s = torch.where(torch.rand(B, n, generator=gen) < 0.5, -0.0, 0.0)
+    else:
+        s = torch.rand(B, n, generator=gen) + 0.05
+    return s.to(dtype)
+
+
 def assert_exp_range(got, want):
     """Probabilities of a CPU kernel (fp32) vs their float64 truth, at the edges of the range of
     the kernels' vectorised exp (csrc/cpu/vec8.h): relative 1e-5 where the truth is a normal fp32,

@@ -13,7 +13,7 @@ import bus_kernels as bk
 from bus_kernels import _ext
 from bus_kernels.ops import select as select_op
 from bus_kernels.ops import select_varlen as varlen_op
-from conftest import TOL, require_backend
+from conftest import TOL, close_as, require_backend
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -42,10 +42,6 @@ def _grads(backend, x, s, call):
     return out, x, s
 
 
-def _close(a, b, dtype, what):
-    torch.testing.assert_close(a.float(), b.float(), **TOL[dtype], msg=lambda m: f"{what}: {m}")
-
-
 @given(
     seed=st.integers(0, 2**16),
     B=st.integers(1, 3),
@@ -72,12 +68,12 @@ def test_select_tokens_fuzz(seed, B, N, D, P, fuse, order, dtype, sdtype, ties, 
     (ref, ridx), xr, sr = _grads("torch", x, s, call)
     assert torch.equal(idx, ridx)
     assert tok.dtype == ref.dtype and tok.shape == ref.shape
-    _close(tok, ref, dtype, "tokens")
+    close_as(tok, ref, dtype, "tokens")
     grad = graw[:, : ref.shape[1]].to(dtype)
     gx, gs = torch.autograd.grad(tok, (xc, sc), grad)
     rgx, rgs = torch.autograd.grad(ref, (xr, sr), grad)
     assert gx.dtype == dtype and gs.dtype == sdtype
-    _close(gx, rgx, dtype, "grad_x")
+    close_as(gx, rgx, dtype, "grad_x")
     # grad_scores is a dot over D in fp32, rounded to the scores' dtype; scale the tolerance by D.
     tol = {key: val * max(1, D / 8) for key, val in TOL[torch.promote_types(dtype, sdtype)].items()}
     torch.testing.assert_close(gs.float(), rgs.float(), **tol)
@@ -107,11 +103,11 @@ def test_select_tokens_varlen_fuzz(seed, B, N, D, P, fuse, dtype, ties, data):
     out, xc, sc = _grads("cpu", x, s, call)
     ref, xr, sr = _grads("torch", x, s, call)
     assert torch.equal(out.indices, ref.indices) and torch.equal(out.cu_seqlens, ref.cu_seqlens)
-    _close(out.tokens, ref.tokens, dtype, "tokens")
+    close_as(out.tokens, ref.tokens, dtype, "tokens")
     grad = torch.randn(ref.tokens.shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
     gx, gs = torch.autograd.grad(out.tokens, (xc, sc), grad)
     rgx, rgs = torch.autograd.grad(ref.tokens, (xr, sr), grad)
-    _close(gx, rgx, dtype, "grad_x")
+    close_as(gx, rgx, dtype, "grad_x")
     tol = {key: val * max(1, D / 8) for key, val in TOL[dtype].items()}
     torch.testing.assert_close(gs, rgs, **tol)
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bus_kernels import reference as ref
-from conftest import TOL
+from conftest import TOL, close_as, select_scores
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the CUDA emulation")
 
@@ -27,19 +27,6 @@ def emu():
 
     ops.lib()  # build (cached) once per module
     return ops
-
-
-def _close(actual, expected, dtype, what):
-    torch.testing.assert_close(actual.float(), expected.float(), **TOL[dtype], msg=lambda m: f"{what}: {m}")
-
-
-def _scores(gen, B, n, kind, dtype):
-    if kind == "ties":  # few distinct values, -0.0 next to +0.0
-        s = torch.randint(0, 3, (B, n), generator=gen).float()
-        s = torch.where((s == 0) & (torch.rand(B, n, generator=gen) < 0.5), -0.0, s)
-    else:
-        s = torch.rand(B, n, generator=gen) + 0.05
-    return s.to(dtype)
 
 
 # ------------------------------------------------------------------------------ the emulator
@@ -112,7 +99,7 @@ def _same_under_every_schedule(emu, fn):
 
 def test_select_is_race_free_under_every_schedule(emu, gen):
     x = torch.randn(2, 600, 40, generator=gen).bfloat16()
-    s = _scores(gen, 2, 599, "ties", torch.float32)
+    s = select_scores(gen, 2, 599, "ties", torch.float32)
     g = torch.randn(2, 1 + 250 + 1, 40, generator=gen).bfloat16()
     keep = torch.tensor([0, 599])
     cu, total = _varlen_meta(keep, 1, "mean")
@@ -177,15 +164,15 @@ def test_select_tokens_matches_reference(emu, gen, shape, fuse, order):
     for dtype, sdtype, kind in ((torch.float32, torch.float32, "rand"), (torch.bfloat16, torch.float32, "ties"),
                                 (torch.float16, torch.float16, "rand")):
         x = torch.randn(B, N, D, generator=gen).to(dtype)
-        s = _scores(gen, B, N - P, kind, sdtype)
+        s = select_scores(gen, B, N - P, kind, sdtype)
         tok, idx = emu.select_tokens(x, s, k, P, fuse, order)
         rtok, ridx = ref.select_tokens(x, s, k, P, fuse, order)
         assert torch.equal(idx, ridx), (dtype, kind)
-        _close(tok, rtok, dtype, f"tokens {dtype} {kind}")
+        close_as(tok, rtok, dtype, f"tokens {dtype} {kind}")
         g = torch.randn(rtok.shape, generator=gen).to(dtype)
         gx, gs = emu.select_tokens_backward(g, x, s, idx, P, fuse)
         rgx, rgs = ref.select_tokens_backward(g, x, s, idx, P, fuse)
-        _close(gx, rgx, dtype, "grad_x")
+        close_as(gx, rgx, dtype, "grad_x")
         # grad_scores are dots over D in fp32, summed in another order than the reference's: allow
         # for D terms of cancellation.
         tol = TOL[torch.float16 if sdtype == torch.float16 else dtype]
@@ -200,7 +187,7 @@ def test_select_long_rows_and_rows_split_over_the_grid(emu, gen, N, P, k, fuse):
     batch of one row spreads its tokens over grid.z and adds the fused partial sums in a third
     launch."""
     x = torch.randn(1, N, 16, generator=gen)
-    s = _scores(gen, 1, N - P, "ties", torch.float32)
+    s = select_scores(gen, 1, N - P, "ties", torch.float32)
     before = emu.lib().emu_launches()
     tok, idx = emu.select_tokens(x, s, k, P, fuse, "index")
     assert emu.lib().emu_launches() - before == 3  # rank, gather split over grid.z, fused-row reduce
@@ -210,7 +197,7 @@ def test_select_long_rows_and_rows_split_over_the_grid(emu, gen, N, P, k, fuse):
     g = torch.randn(rtok.shape, generator=gen)
     gx, gs = emu.select_tokens_backward(g, x, s, idx, P, fuse)
     rgx, rgs = ref.select_tokens_backward(g, x, s, idx, P, fuse)
-    _close(gx, rgx, torch.float32, "grad_x")
+    close_as(gx, rgx, torch.float32, "grad_x")
     torch.testing.assert_close(gs, rgs, atol=1e-4, rtol=1e-4)
 
 
@@ -230,7 +217,7 @@ def test_select_rows_staged_in_several_chunks(emu, gen):
     tok, idx = run()
     assert emu.lib().emu_launches() - before == 3
     assert torch.equal(idx, ridx)
-    _close(tok, rtok, torch.float32, "tokens")
+    close_as(tok, rtok, torch.float32, "tokens")
     _same_under_every_schedule(emu, run)
 
 
@@ -241,10 +228,10 @@ def test_select_misaligned_outputs_take_the_scalar_path(emu, gen, misalign):
     tok, idx = emu.select_tokens(x, s, 20, 1, "mean", "index", misalign=misalign)
     rtok, ridx = ref.select_tokens(x, s, 20, 1, "mean", "index")
     assert torch.equal(idx, ridx)
-    _close(tok, rtok, torch.float32, "tokens")
+    close_as(tok, rtok, torch.float32, "tokens")
     g = torch.randn(rtok.shape, generator=gen)
     gx, _ = emu.select_tokens_backward(g, x, s, idx, 1, "mean", misalign=misalign)
-    _close(gx, ref.select_tokens_backward(g, x, s, idx, 1, "mean")[0], torch.float32, "grad_x")
+    close_as(gx, ref.select_tokens_backward(g, x, s, idx, 1, "mean")[0], torch.float32, "grad_x")
 
 
 def test_select_nan_scores_rank_first(emu, gen):
@@ -277,12 +264,12 @@ def test_select_tokens_varlen_matches_reference(emu, gen, fuse, dtype):
     tok, idx = emu.select_tokens_varlen(x, s, keep, cu, total, P, fuse)
     rtok, ridx = ref.select_tokens_varlen(x, s, keep, cu, total, P, fuse)
     assert torch.equal(idx, ridx)
-    _close(tok, rtok, dtype, "tokens")
+    close_as(tok, rtok, dtype, "tokens")
     g = torch.randn(rtok.shape, generator=gen).to(dtype)
     gx, gs = emu.select_tokens_varlen_backward(g, x, s, idx, keep, cu, P, fuse)
     rgx, rgs = ref.select_tokens_varlen_backward(g, x, s, idx, keep, cu, P, fuse)
-    _close(gx, rgx, dtype, "grad_x")
-    _close(gs, rgs, dtype, "grad_scores")
+    close_as(gx, rgx, dtype, "grad_x")
+    close_as(gs, rgs, dtype, "grad_scores")
 
 
 @pytest.mark.parametrize("bad", ["keep_over_n", "keep_negative", "cu_overlaps", "cu_past_total"])
@@ -328,13 +315,13 @@ def test_relevance_matches_reference(emu, gen, shape, dtype, masked):
     scale = d**-0.5
     sc, lse = emu.relevance_scores(q, k, scale, mask)
     rsc, rlse = ref.relevance_scores(q, k, scale, mask)
-    _close(sc, rsc, torch.float32, "scores")
-    _close(lse, rlse, torch.float32, "lse")
+    close_as(sc, rsc, torch.float32, "scores")
+    close_as(lse, rlse, torch.float32, "lse")
     g = torch.randn(B, N, generator=gen)
     dq, dk = emu.relevance_scores_backward(g, q, k, lse, scale, mask)
     rdq, rdk = ref.relevance_scores_backward(g, q, k, scale, mask)
-    _close(dq, rdq, dtype, "dq")
-    _close(dk, rdk, dtype, "dk")
+    close_as(dq, rdq, dtype, "dq")
+    close_as(dk, rdk, dtype, "dk")
 
 
 def test_relevance_fp16_backward_keeps_small_gradients(emu, gen):

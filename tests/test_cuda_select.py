@@ -14,7 +14,7 @@ import torch
 import bus_kernels as bk
 from bus_kernels import _ext
 from bus_kernels import reference as ref
-from conftest import TOL, require_backend
+from conftest import TOL, close_as, require_backend, select_scores
 
 OPS = (
     "select_tokens",
@@ -43,22 +43,6 @@ def dev():
     return require_backend("cuda", bk.ops.select.IMPLEMENTED)
 
 
-def _close(actual, expected, dtype, what):
-    torch.testing.assert_close(actual.float(), expected.float(), **TOL[dtype], msg=lambda m: f"{what}: {m}")
-
-
-def _scores(gen, B, n, kind, dtype):
-    if kind == "ties":  # few distinct values, -0.0 and +0.0 mixed
-        s = torch.randint(0, 3, (B, n), generator=gen).float()
-        flip = torch.rand(B, n, generator=gen) < 0.5
-        s = torch.where((s == 0) & flip, -0.0, s)
-    elif kind == "zeros":  # only +-0.0: the choice is the lowest indices
-        s = torch.where(torch.rand(B, n, generator=gen) < 0.5, -0.0, 0.0)
-    else:
-        s = torch.rand(B, n, generator=gen) + 0.05
-    return s.to(dtype)
-
-
 def _check_select(dev, gen, x, s, keep, **kw):
     """select_tokens on 'cuda' vs 'torch': exact indices, tokens and both gradients within TOL."""
     outs = {}
@@ -71,13 +55,13 @@ def _check_select(dev, gen, x, s, keep, **kw):
     (tok, idx, xt, st), (rtok, ridx, xr, sr) = outs["cuda"], outs["torch"]
     assert idx.dtype == torch.int64 and torch.equal(idx, ridx)
     assert tok.dtype == x.dtype and tok.shape == rtok.shape
-    _close(tok, rtok, x.dtype, "tokens")
+    close_as(tok, rtok, x.dtype, "tokens")
     grad = torch.randn(rtok.shape, generator=gen).to(x.dtype).to(dev)
     gx, gs = torch.autograd.grad(tok, (xt, st), grad)
     rgx, rgs = torch.autograd.grad(rtok, (xr, sr), grad)
     assert gx.dtype == x.dtype and gs.dtype == s.dtype
-    _close(gx, rgx, x.dtype, "grad_x")
-    _close(gs, rgs, s.dtype, "grad_scores")
+    close_as(gx, rgx, x.dtype, "grad_x")
+    close_as(gs, rgs, s.dtype, "grad_scores")
 
 
 # (B, N, D, num_prefix, keep, fuse, order, x dtype, scores dtype, scores kind)
@@ -96,7 +80,7 @@ LONG_CASES = [
 @pytest.mark.parametrize("B,N,D,P,keep,fuse,order,dtype,sdtype,kind", LONG_CASES)
 def test_long_rows_ties_and_k_extremes(dev, gen, B, N, D, P, keep, fuse, order, dtype, sdtype, kind):
     x = torch.randn(B, N, D, generator=gen).to(dtype).to(dev)
-    s = _scores(gen, B, N - P, kind, sdtype).to(dev)
+    s = select_scores(gen, B, N - P, kind, sdtype).to(dev)
     _check_select(dev, gen, x, s, keep, num_prefix=P, fuse=fuse, order=order)
 
 
@@ -109,7 +93,7 @@ def test_long_rows_ties_and_k_extremes(dev, gen, B, N, D, P, keep, fuse, order, 
 def test_scalar_gather_path(dev, gen, D, dtype, fuse):
     """D * elem_size not a multiple of 16: element-wise loads and stores."""
     x = torch.randn(3, 41, D, generator=gen).to(dtype).to(dev)
-    s = _scores(gen, 3, 40, "ties", torch.float32).to(dev)
+    s = select_scores(gen, 3, 40, "ties", torch.float32).to(dev)
     _check_select(dev, gen, x, s, 11, fuse=fuse, order="score")
 
 
@@ -120,7 +104,7 @@ def test_misaligned_pointer_takes_the_scalar_path(dev, gen):
     flat = torch.randn(B * N * D + 1, generator=gen).to(torch.bfloat16).to(dev)
     x = flat[1:].view(B, N, D)
     assert x.is_contiguous() and x.data_ptr() % 16 != 0
-    s = _scores(gen, B, N - 1, "rand", torch.float32).to(dev)
+    s = select_scores(gen, B, N - 1, "rand", torch.float32).to(dev)
     _check_select(dev, gen, x, s, 9, fuse="mean")
 
 
@@ -138,7 +122,7 @@ def test_varlen_keep_zero_and_all(dev, gen, fuse, dtype):
     B, N, D, P = 5, 603, 36, 1
     n = N - P
     x = torch.randn(B, N, D, generator=gen).to(dtype).to(dev)
-    s = _scores(gen, B, n, "ties", dtype).to(dev)
+    s = select_scores(gen, B, n, "ties", dtype).to(dev)
     keep = torch.tensor([0, n, 1, 0, 301], dtype=torch.int64, device=dev)
     outs = {}
     for backend in ("cuda", "torch"):
@@ -147,18 +131,18 @@ def test_varlen_keep_zero_and_all(dev, gen, fuse, dtype):
         outs[backend] = (bk.select_tokens_varlen(xt, st, keep=keep, num_prefix=P, fuse=fuse, backend=backend), xt, st)
     (out, xt, st), (r, xr, sr) = outs["cuda"], outs["torch"]
     assert torch.equal(out.cu_seqlens, r.cu_seqlens) and torch.equal(out.indices, r.indices)
-    _close(out.tokens, r.tokens, dtype, "tokens")
+    close_as(out.tokens, r.tokens, dtype, "tokens")
     grad = torch.randn(r.tokens.shape, generator=gen).to(dtype).to(dev)
     for a, b, what in zip(
         torch.autograd.grad(out.tokens, (xt, st), grad), torch.autograd.grad(r.tokens, (xr, sr), grad), ("gx", "gs")
     ):
-        _close(a, b, dtype, what)
+        close_as(a, b, dtype, what)
 
 
 @gpu
 def test_select_is_bitwise_reproducible(dev, gen):
     x = torch.randn(4, 2001, 40, generator=gen).to(dev)
-    s = _scores(gen, 4, 2000, "ties", torch.float32).to(dev)
+    s = select_scores(gen, 4, 2000, "ties", torch.float32).to(dev)
     g = None
     results = []
     for _ in range(2):

@@ -13,7 +13,7 @@ import torch
 import bus_kernels
 from bus_kernels.ops import select as select_op
 from bus_kernels.ops import select_varlen as varlen_op
-from conftest import TOL, require_backend
+from conftest import TOL, close_as, require_backend
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -27,10 +27,6 @@ def _scores(gen, B, n, ties, dtype):
     else:
         s = torch.rand(B, n, generator=gen) + 0.05
     return s.to(dtype)
-
-
-def _close(actual, expected, dtype, what):
-    torch.testing.assert_close(actual.float(), expected.float(), **TOL[dtype], msg=lambda m: f"{what}: {m}")
 
 
 def _run_select(backend, x, scores, keep, **kw):
@@ -72,13 +68,13 @@ def test_select_tokens_matches_reference(fused, gen, B, N, D, P, keep, fuse, ord
     (ref, ridx), xr, sr = _run_select("torch", x, scores, keep, **kw)
     assert idx.dtype == torch.int64 and torch.equal(idx, ridx)
     assert tok.dtype == dtype and tok.shape == ref.shape
-    _close(tok, ref, dtype, "tokens")
+    close_as(tok, ref, dtype, "tokens")
     grad = torch.randn(ref.shape, generator=gen).to(dtype).to(device)
     gx, gs = torch.autograd.grad(tok, (xt, st), grad)
     rgx, rgs = torch.autograd.grad(ref, (xr, sr), grad)
     assert gx.dtype == dtype and gs.dtype == sdtype
-    _close(gx, rgx, dtype, "grad_x")
-    _close(gs, rgs, sdtype, "grad_scores")
+    close_as(gx, rgx, dtype, "grad_x")
+    close_as(gs, rgs, sdtype, "grad_scores")
 
 
 @pytest.mark.parametrize("target", [1, 64])
@@ -94,7 +90,7 @@ def test_fused_token_split_reduction(gen, monkeypatch, target, fuse):
     (tok, idx), xt, st = _run_select("triton", x, scores, 30, fuse=fuse)
     (ref, ridx), xr, sr = _run_select("torch", x, scores, 30, fuse=fuse)
     assert torch.equal(idx, ridx)
-    _close(tok, ref, torch.float32, "tokens")
+    close_as(tok, ref, torch.float32, "tokens")
 
 
 def test_mean_with_zero_dropped_sum(fused, gen):
@@ -106,10 +102,10 @@ def test_mean_with_zero_dropped_sum(fused, gen):
     (ref, ridx), xr, sr = _run_select("torch", x, scores, 1, fuse="mean")
     assert torch.equal(idx, ridx)
     assert torch.count_nonzero(tok[0, -1]) == 0
-    _close(tok, ref, torch.float32, "tokens")
+    close_as(tok, ref, torch.float32, "tokens")
     grad = torch.randn(ref.shape, generator=gen).to(device)
     for a, b in zip(torch.autograd.grad(tok, (xt, st), grad), torch.autograd.grad(ref, (xr, sr), grad)):
-        _close(a, b, torch.float32, "grad")
+        close_as(a, b, torch.float32, "grad")
 
 
 def _run_varlen(backend, x, scores, **kw):
@@ -147,12 +143,12 @@ def test_select_tokens_varlen_matches_reference(fused, gen, B, N, D, P, keep, fu
     assert out.max_seqlen == ref.max_seqlen
     assert out.indices.dtype == torch.int64 and torch.equal(out.indices, ref.indices)
     assert out.tokens.dtype == dtype
-    _close(out.tokens, ref.tokens, dtype, "tokens")
+    close_as(out.tokens, ref.tokens, dtype, "tokens")
     grad = torch.randn(ref.tokens.shape, generator=gen).to(dtype).to(device)
     gx, gs = torch.autograd.grad(out.tokens, (xt, st), grad)
     rgx, rgs = torch.autograd.grad(ref.tokens, (xr, sr), grad)
-    _close(gx, rgx, dtype, "grad_x")
-    _close(gs, rgs, dtype, "grad_scores")
+    close_as(gx, rgx, dtype, "grad_x")
+    close_as(gs, rgs, dtype, "grad_scores")
 
 
 def test_rows_longer_than_a_block_are_refused(gen):
